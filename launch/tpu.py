@@ -97,6 +97,9 @@ class Launcher:
   def execute(self, cmd: list[str]) -> None:
     self.commands.append(cmd)
     print(shlex.join(cmd), flush=True)
+    remote = next((c[len('--command='):] for c in cmd if c.startswith('--command=')), None)
+    if remote and self.args.dry_run:
+      print(f'#   runs on the worker(s): {remote}', flush=True)
     if self.args.dry_run:
       return
     result = subprocess.run(cmd)
@@ -132,13 +135,14 @@ class Launcher:
     gins = [f'--gin_file={remote_gin_path(local, given)}' for given, local in self._gin_files()]
     if not gins:
       raise ValueError('run needs --gin_file RUN.gin')
-    argv = [f'{REMOTE_VENV}/bin/promot', 'run', *gins, '--gin.DISTRIBUTED=True', *self.gin_flags]
+    args = shlex.join(['run', *gins, '--gin.DISTRIBUTED=True', *self.gin_flags])
     log = f'{REMOTE_LOGS}/{self.args.name}.log'
-    self.execute(self.ssh(
-        f'mkdir -p {REMOTE_LOGS} && cd {REMOTE_DIR} && nohup {shlex.join(argv)} > {log} 2>&1 '
-        f'< /dev/null & echo $! > {REMOTE_LOGS}/run.pid'))
-    print(f'started on every worker; follow it with: python launch/tpu.py tail --name '
-          f'{self.args.name} --zone {self.args.zone}', flush=True)
+    self.execute(self.ssh(   # the venv path stays unquoted so that ~ expands on the worker
+        f'mkdir -p {REMOTE_LOGS} && cd {REMOTE_DIR} && {{ nohup {REMOTE_VENV}/bin/promot {args} '
+        f'> {log} 2>&1 < /dev/null & echo $! > {REMOTE_LOGS}/run.pid; }}'))
+    if not self.args.dry_run:
+      print(f'started on every worker; follow it with: python launch/tpu.py tail --name '
+            f'{self.args.name} --zone {self.args.zone}', flush=True)
 
   def tail(self) -> None:
     self.execute(self.ssh(f'tail -n 200 -F {REMOTE_LOGS}/{self.args.name}.log', worker='0'))

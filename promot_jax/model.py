@@ -249,7 +249,10 @@ def init_boxed(cfg: T5Config, rng: Array, stacked: bool = False) -> Any:
 
 def init_params(cfg: T5Config, rng: Optional[Array] = None,
                 stacked: bool = False) -> dict[str, Any]:
-  """Randomly initialised float32 parameters in the t5x tree (prompt included if configured)."""
+  """Randomly initialised float32 parameters in the t5x tree (prompt included if configured).
+
+  `stacked=True` gives the scanned layout instead (see scan_layout).
+  """
   rng = jax.random.PRNGKey(0) if rng is None else rng
   return nn.unbox(init_boxed(cfg, rng, stacked))
 

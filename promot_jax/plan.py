@@ -17,6 +17,10 @@ batch x targets) and A = attention-score FLOPs (QK^T and AV, 4 x B x Sq x Sk x h
 attention layer):
   model weights train (model_tuning, finetune, joint): 3M + 3A  (forward, activation grads, weight grads)
   only the prompt trains (prompt_tuning):              2M + 3A  (no weight gradients)
+
+With scan_layers=True the step is built by scan_layout.build_scanned_step (the trainer does
+not run scanned layers yet) and its FLOPs come from the unrolled step's HLO cost analysis,
+because XLA's compiled cost analysis counts a loop body once.
 """
 
 from __future__ import annotations
@@ -96,10 +100,6 @@ def known_sizes(generation: str) -> list[int]:
   return list(SIZES[generation])
 
 
-def _shape_table(chip: Chip) -> dict:
-  return SHAPES_3D if chip.cores_per_chip == 2 else SHAPES_2D
-
-
 def parse_topology(name: str) -> Topology:
   """'v4-64' | 'v5e-256' | 'v5litepod-16' | 'v5p-128' | 'v6e-8' | 'cpu' -> Topology."""
   if name == 'cpu':
@@ -110,12 +110,12 @@ def parse_topology(name: str) -> Topology:
                      'cpu (this machine\'s devices).')
   gen = ALIASES.get(m.group(1), m.group(1))
   chip, n = CHIPS[gen], int(m.group(2))
-  if n not in known_sizes(gen):
+  if n not in SIZES[gen]:
     unit = 'TensorCores (2 per chip)' if chip.cores_per_chip == 2 else 'chips'
     raise ValueError(f'{name}: {gen}-N counts {unit}; known sizes: '
-                     f'{", ".join(f"{gen}-{k}" for k in known_sizes(gen))}.')
+                     f'{", ".join(f"{gen}-{k}" for k in SIZES[gen])}.')
   chips = n // chip.cores_per_chip
-  return Topology(name, chip, chips, _shape_table(chip)[chips])
+  return Topology(name, chip, chips, (SHAPES_3D if chip.cores_per_chip == 2 else SHAPES_2D)[chips])
 
 
 def libtpu_available() -> bool:
@@ -136,9 +136,12 @@ def topology_devices(topo: Topology) -> list:
     os.environ.setdefault('TPU_ACCELERATOR_TYPE', topo.name)
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   from jax.experimental import topologies
-  desc = topologies.get_topology_desc(
-      topology_name=topo.libtpu_name, platform='tpu', chip_config_name=topo.chip.chip_config,
-      chips_per_host_bounds=topo.host_bounds, num_slices=1)
+  try:
+    desc = topologies.get_topology_desc(
+        topology_name=topo.libtpu_name, platform='tpu', chip_config_name=topo.chip.chip_config,
+        chips_per_host_bounds=topo.host_bounds, num_slices=1)
+  except Exception as e:  # noqa: BLE001 - libtpu's errors are RuntimeErrors of many kinds
+    raise ValueError(f'libtpu cannot describe {topo.name} ({topo.libtpu_name}): {e}') from e
   return list(desc.devices)
 
 
@@ -181,8 +184,7 @@ def model_flops(cfg, batch: int, inputs: int, targets: int, with_prompt: bool,
 
 def _cost_flops(compiled) -> float:
   cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
+  cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get('flops', 0.0))
 
 
@@ -225,8 +227,8 @@ def per_device_bytes(abstract_tree: Any, shardings: Any) -> int:
 def total_bytes(abstract_tree: Any) -> int:
   import jax
   import numpy as np
-  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree_util.tree_leaves(abstract_tree)))
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(abstract_tree))
 
 
 def _log(text: str) -> None:
@@ -479,9 +481,8 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def _header(run, topo: Topology, budget: Budget, num_devices: int) -> str:
-  from promot_jax import tree_util
+  from promot_jax import model, tree_util
   cfg, lengths = run.model_config, run.task_feature_lengths
-  from promot_jax import model
   n = tree_util.count_params(model.abstract_params(cfg))
   where = (f'{topo.name}: {topo.num_chips} x TPU {topo.chip.name} chips ({topo.libtpu_name}, '
            f'{topo.num_hosts} host(s)), {topo.chip.hbm_gib:g} GiB HBM and '

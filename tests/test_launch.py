@@ -48,7 +48,8 @@ def test_run_v4_64_dry_run_starts_the_same_command_on_every_worker(capsys, no_gc
   assert cmd[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'promot-pod']
   assert '--worker=all' in cmd and '--zone=us-central2-b' in cmd
   remote_cmd = remote(cmd)
-  assert remote_cmd.startswith('mkdir -p ~/promot_logs && cd ~/promot_jax && nohup ')
+  assert remote_cmd.startswith('mkdir -p ~/promot_logs && cd ~/promot_jax && { nohup '
+                               '~/promot_venv/bin/promot run ')   # ~ unquoted: it expands
   assert '> ~/promot_logs/promot-pod.log 2>&1' in remote_cmd
   assert 'echo $! > ~/promot_logs/run.pid' in remote_cmd
   # the remote shell sees one promot command with the gin override quoted intact
@@ -117,3 +118,19 @@ def test_script_runs_standalone_without_jax():
   out = subprocess.run([sys.executable, '-S', os.path.join(ROOT, 'launch', 'tpu.py'), 'delete',
                         *BASE, '--dry-run'], capture_output=True, text=True, check=True).stdout
   assert out.startswith('gcloud compute tpus tpu-vm delete promot-pod')
+
+
+def test_remote_run_command_works_in_a_shell(tmp_path, capsys):
+  """Run the worker-side command of `run` in bash with a fake promot: argv arrives intact."""
+  (cmd,) = dry(capsys, 'run', *BASE, '--gin_file', GIN, "--gin.MODEL_DIR='gs://b/rte xxl'")
+  home = tmp_path / 'home'
+  (home / 'promot_jax').mkdir(parents=True)
+  fake = home / 'promot_venv' / 'bin' / 'promot'
+  fake.parent.mkdir(parents=True)
+  fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+  fake.chmod(0o755)
+  subprocess.run(['bash', '-c', remote(cmd) + '; wait'], env={'HOME': str(home), 'PATH': '/usr/bin:/bin'},
+                 check=True)
+  assert (home / 'promot_logs' / 'promot-pod.log').read_text().splitlines() == [
+      'run', f'--gin_file={GIN}', '--gin.DISTRIBUTED=True', "--gin.MODEL_DIR='gs://b/rte xxl'"]
+  assert (home / 'promot_logs' / 'run.pid').read_text().strip().isdigit()

@@ -200,8 +200,8 @@ def test_mt5_small_compiles_for_v4_8():
   run = _run('runs/promot_rte_mt5_small.gin', 'BATCH_SIZE=8',
              "TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}", "ACTIVATION_DTYPE='bfloat16'")
   topo = plan.parse_topology('v4-8')
-  rows = plan.plan(run, topo, plan.Budget.for_topology(topo), mesh_shape=(2, 2))
-  assert len(rows) == 4 and all(r['fits'] for r in rows)
+  rows = plan.plan(run, topo, plan.Budget.for_topology(topo), mesh_shape=(2, 2), decode=False)
+  assert len(rows) == 2 and all(r['fits'] for r in rows)
   s1, s2 = (next(r for r in rows if r['stage'] == s and r['step'] == 'train')
             for s in ('prompt_tuning', 'model_tuning'))
   assert s1['flops_per_device'] < s2['flops_per_device'] and s2['best_step_s'] > 0
