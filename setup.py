@@ -30,6 +30,7 @@ setup(
         'tensorboard>=2.20',          # clu's summary writer (TensorBoard logs in MODEL_DIR)
         'sacrebleu>=2.4',             # BLEU
         'rouge-score>=0.1.2',         # Rouge-2
+        'matplotlib>=3.8,<4',         # promot report's charts
     ],
     extras_require={
         'test': [

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 # Modules that define `add_subcommand(subparsers)` for their own command (eval, plan, ...).
 PLUGGED_SUBCOMMANDS = ('promot_jax.evaluation', 'promot_jax.plan', 'promot_jax.demo',
-                       'promot_jax.bench')
+                       'promot_jax.report', 'promot_jax.bench')
 
 
 def load_run(gin_files, gin_flags):

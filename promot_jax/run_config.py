@@ -39,6 +39,9 @@ class RunConfig:
   prompt_init_file: Optional[str] = None
   prompt_init_class_labels: Sequence[str] = ()
   log_every: int = 10
+  format_probe_tasks: Sequence[str] = ()          # decoded without the prompt at each validation
+  format_labels: Sequence[str] = ()               # default: the training task's LABEL_SETS entry
+  format_probe_examples: int = 32
   nonfinite_policy: str = 'stop'                  # 'stop' or 'skip' the batch (NONFINITE_POLICY)
   train_steps: Optional[int] = None               # TRAIN_STEPS: one stage's steps (promot train)
   learning_rate: Optional[float] = None           # LEARNING_RATE: one stage's rate (promot train)

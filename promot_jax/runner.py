@@ -26,7 +26,10 @@ def setup_devices(run: RunConfig):
 def check_task(run: RunConfig) -> None:
   """The task exists, its vocabulary can be read, and its ids fit the model's embedding."""
   import seqio
-  from promot_jax import data
+  from promot_jax import data, probes
+  trained = run.validation_task or run.mixture_or_task_name
+  probes.check_probes(run.format_probe_tasks, probes.probe_labels(trained, run.format_labels),
+                      trained)
   for name in {run.mixture_or_task_name, run.validation_task or run.mixture_or_task_name}:
     data.check_task_name(name)
     for feature_name, feature in seqio.get_mixture_or_task(name).output_features.items():

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from promot_jax import data, loading, model, partitioning, prompt, tree_util
+from promot_jax import data, loading, model, partitioning, probes, prompt, tree_util
 from promot_jax.checkpoints import orbax_io
 from promot_jax.checkpoints.manager import CorruptCheckpointError, StageCheckpoints
 from promot_jax.optim import make_optimizer
@@ -260,6 +260,9 @@ def train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage] = 
   eval_fn = jax.jit(make_eval_step(cfg, stage))
   rng = jax.random.PRNGKey(run.seed + 1000 * (1 + run.stage_index(stage.name)))
   lengths = run.task_feature_lengths
+  trained_task = run.validation_task or run.mixture_or_task_name
+  probe_label_set = probes.probe_labels(trained_task, run.format_labels)
+  probes.check_probes(run.format_probe_tasks, probe_label_set, trained_task)
   progress.tokens_per_step = run.batch_size * (lengths['inputs'] + lengths['targets'] + (
       cfg.prompt_length if stage.with_prompt else 0))
   progress._last_step, progress._last_time = start, time.perf_counter()
@@ -279,10 +282,15 @@ def train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage] = 
             task_feature_lengths=run.task_feature_lengths, batch_size=run.batch_size,
             max_examples=run.eval_batches * run.batch_size if run.eval_batches else None,
             with_prompt=stage.with_prompt, decoding_method='greedy'))
+      if run.format_probe_tasks:
+        val.update(probes.format_probe_metrics(
+            cfg, full, run.format_probe_tasks, probe_label_set,
+            task_feature_lengths=run.task_feature_lengths, batch_size=run.batch_size,
+            max_examples=run.format_probe_examples))
       ckpts.update_metrics(done, val)
       progress.scalars(done, val)
       progress.log('checkpoint ' + ckpts.path(done) + '  ' +
-                   '  '.join(f'{k.split("/")[-1]} {v:.4f}' for k, v in val.items()))
+                   '  '.join(f'{k.removeprefix("validation/")} {v:.4f}' for k, v in val.items()))
 
   skipped = 0
   with StopRequest() as stop:

@@ -7,6 +7,8 @@ Layout under MODEL_DIR/<stage name>/:
   checkpoint_<step>/state.json   step, data-iterator position, validation metrics
   checkpoint_<step>/prompt.npy   the prompt, when the model has one
   kept.json                      the step the next stage starts from (best by the metric)
+  metrics.jsonl                  every validation, one line per checkpoint step (history;
+                                 it outlives pruned checkpoints; a resumed step's later line wins)
   done.json                      written when the stage has run all its steps
 A checkpoint is written to checkpoint_<step>.tmp/ and renamed only once complete, so a
 process that dies mid-save never leaves something that looks like the latest checkpoint.
@@ -51,6 +53,29 @@ class CheckpointSaveError(CheckpointError):
 
 class CorruptCheckpointError(CheckpointError):
   """A complete-looking checkpoint directory cannot be read back."""
+
+
+HISTORY_FILE = 'metrics.jsonl'
+
+
+def read_history(stage_dir: str) -> list[dict]:
+  """The validation history of a stage (metrics.jsonl): one dict per step, in step order.
+
+  A step validated twice (a resumed run) keeps its last line; a torn last line is skipped.
+  """
+  by_step: dict[int, dict] = {}
+  path = os.path.join(stage_dir, HISTORY_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and isinstance(row.get('step'), int):
+        by_step[row['step']] = row
+  return [by_step[s] for s in sorted(by_step)]
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -223,6 +248,8 @@ class StageCheckpoints:
       state = self.state(step)
       state['metrics'] = {**state.get('metrics', {}), **dict(metrics)}
       _write_json(path, state)
+      with open(os.path.join(self.dir, HISTORY_FILE), 'a') as f:
+        f.write(json.dumps({'step': step, **dict(metrics)}, sort_keys=True) + '\n')
       self._prune_and_keep()
     _sync(f'ckpt_metrics_{step}')
 
