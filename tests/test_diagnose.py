@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from promot_jax import cli, config, diagnose
-from promot_jax.checkpoints import orbax_io
 from toy_inputs import host_params, toy_batch
+from toy_inputs import stage_dir as make_stage_dir
 
 CFG = config.get_config('mt5_tiny', prompt_length=4, dropout_rate=0.0)
 
@@ -31,10 +31,7 @@ def batches():
 @pytest.fixture(scope='module')
 def stage_dir(tmp_path_factory, params):
   """MODEL_DIR/model_tuning holding one checkpoint and its kept.json."""
-  stage = tmp_path_factory.mktemp('run') / 'model_tuning'
-  ckpt = orbax_io.save_params(str(stage / 'checkpoint_20'), params, CFG)
-  (stage / 'kept.json').write_text(json.dumps({'path': ckpt, 'step': 20}))
-  return str(stage)
+  return make_stage_dir(tmp_path_factory.mktemp('run'), params, CFG, step=20)
 
 
 def test_kernel_paths_name_the_last_decoder_layer():

@@ -22,6 +22,7 @@ peft = pytest.importorskip('peft')
 from promot_jax import cli, config, export, model, tree_util  # noqa: E402
 from promot_jax.checkpoints import hf, orbax_io  # noqa: E402
 from toy_inputs import host_params  # noqa: E402
+from toy_inputs import stage_dir as make_stage_dir  # noqa: E402
 
 CFG = config.get_config('mt5_tiny', prompt_length=5, dropout_rate=0.0)
 TOLERANCE = 1e-4
@@ -39,10 +40,7 @@ def params():
 @pytest.fixture(scope='module')
 def stage_dir(tmp_path_factory, params):
   """MODEL_DIR/model_tuning with one checkpoint and the kept.json that names it."""
-  stage = tmp_path_factory.mktemp('run') / 'model_tuning'
-  ckpt = orbax_io.save_params(str(stage / 'checkpoint_10'), params, CFG)
-  (stage / 'kept.json').write_text(json.dumps({'path': ckpt, 'step': 10}))
-  return str(stage)
+  return make_stage_dir(tmp_path_factory.mktemp('run'), params, CFG, step=10)
 
 
 @pytest.fixture(scope='module')
