@@ -39,7 +39,10 @@ setup(
             'torch==2.13.0',          # CPU reference for parity checks
             'transformers>=5,<6',
             'safetensors>=0.4',
+            'peft>=0.21,<0.22',       # export: the prompt as a PEFT prompt-tuning adapter
+            'lm-eval>=0.4.13,<0.5',   # the lm-evaluation-harness adapter
         ],
+        'lm_eval': ['lm-eval>=0.4.13,<0.5'],   # promot lm-eval
         'tpu': [f'jax[tpu]=={JAX_VERSION}'],
     },
     entry_points={'console_scripts': ['promot=promot_jax.cli:main']},

@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 # Modules that define `add_subcommand(subparsers)` for their own command (eval, plan, ...).
 PLUGGED_SUBCOMMANDS = ('promot_jax.evaluation', 'promot_jax.plan', 'promot_jax.demo',
-                       'promot_jax.report', 'promot_jax.bench')
+                       'promot_jax.report', 'promot_jax.bench', 'promot_jax.export',
+                       'promot_jax.diagnose', 'promot_jax.lm_eval_cmd')
 
 
 def load_run(gin_files, gin_flags):

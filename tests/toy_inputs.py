@@ -35,3 +35,16 @@ def toy_batch(seed=0, batch=4, inputs=12, targets=5, vocab=512):
   enc[1, 6:] = 0                                        # one shorter input
   return {'encoder_input_tokens': enc, 'decoder_input_tokens': dec_in,
           'decoder_target_tokens': tgt, 'decoder_loss_weights': (tgt > 0).astype(np.int32)}
+
+
+def stage_dir(root, params, cfg, step=10, stage='model_tuning'):
+  """MODEL_DIR/<stage> holding one promot_jax checkpoint and the kept.json that names it."""
+  import json
+  import os
+
+  from promot_jax.checkpoints import orbax_io
+  path = os.path.join(str(root), stage)
+  ckpt = orbax_io.save_params(os.path.join(path, f'checkpoint_{step}'), params, cfg)
+  with open(os.path.join(path, 'kept.json'), 'w') as f:
+    json.dump({'path': ckpt, 'step': step}, f)
+  return path
