@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all install clean
+.PHONY: demo smoke test test-all install clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,11 @@ $(VENV)/.installed: setup.py $(BIN)/activate
 
 install: $(VENV)/.installed
 
-# Main job. Until the synthetic ProMoT demo lands it is the CPU smoke run on mT5-small.
+# Main job: format specialization and ProMoT reproduced offline on a tiny T5 (promot demo).
 demo: install
+	$(BIN)/promot demo --out_dir out/demo
+
+smoke: install
 	$(BIN)/promot smoke --model mt5_small --prompt_length 100
 
 test: install

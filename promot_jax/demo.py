@@ -104,14 +104,14 @@ class Demo:
     self.timings['eval'] = round(time.perf_counter() - t0, 1)
     return paths
 
-  def run(self, pretrain: bool = False) -> dict:
+  def run(self, pretrain: bool = False, pretrained: Optional[str] = None) -> dict:
     """Every part in order; returns the report (as `promot report` builds it)."""
     from promot_jax import report
     if pretrain:
       pretrained = self.pretrain()
       self._compare_with_shipped(pretrained)
     else:
-      pretrained = SHIPPED_PRETRAINED
+      pretrained = os.path.abspath(pretrained or SHIPPED_PRETRAINED)
       if not os.path.isdir(pretrained):
         raise FileNotFoundError(f'The shipped pretrained model {pretrained} is missing; run '
                                 'promot demo --pretrain to make it.')
@@ -135,7 +135,8 @@ class Demo:
       return
     diff = max_param_difference(pretrained, SHIPPED_PRETRAINED)
     self._say(f'reproduced pretrained model vs shipped demo/pretrained: max |difference| '
-              f'{diff:.3g}' + (' (identical)' if diff == 0 else ''))
+              f'{diff:.3g}' + (' (identical)' if diff == 0 else
+                               f'; held-out 1-shot accuracy {validation_accuracy(pretrained):.1f}'))
 
 
 def max_param_difference(a: str, b: str) -> float:
@@ -149,15 +150,37 @@ def max_param_difference(a: str, b: str) -> float:
   return max(float(np.max(np.abs(np.asarray(flat_a[k]) - np.asarray(flat_b[k])))) for k in flat_a)
 
 
-def ship_pretrained(checkpoint: str, dst: str = SHIPPED_PRETRAINED) -> None:
-  """Copy a pretrained checkpoint (params only, no optimizer state) to demo/pretrained."""
-  from promot_jax.checkpoints import orbax_io
+def validation_accuracy(checkpoint: str, examples: int = 128) -> float:
+  """Mean 1-shot accuracy over the in-context tasks on held-out validation queries (greedy)."""
+  import tasks.synthetic as synth
   from promot_jax import evaluation
   cfg, params = evaluation.load_checkpoint(evaluation.resolve_checkpoint(checkpoint))
+  scores = []
+  for task in synth.TASKS:
+    plan = evaluation.TaskPlan(synth.icl_task_name(task, 1), 'in_context', False, 1,
+                               'validation', 'accuracy')
+    entry = evaluation.evaluate_task(
+        cfg, params, plan, task_feature_lengths={'inputs': 72, 'targets': 8}, batch_size=64,
+        max_examples=examples, decoding_method='greedy', num_saved_examples=0,
+        log=lambda message: None)
+    scores.append(entry['accuracy'])
+  return sum(scores) / len(scores)
+
+
+def ship_pretrained(checkpoint: str, dst: str = SHIPPED_PRETRAINED) -> float:
+  """Copy a pretrained checkpoint (params only, no optimizer state) to demo/pretrained,
+  recording its held-out 1-shot accuracy; returns that accuracy."""
+  from promot_jax.checkpoints import orbax_io
+  from promot_jax import evaluation
+  resolved = evaluation.resolve_checkpoint(checkpoint)
+  cfg, params = evaluation.load_checkpoint(resolved)
+  accuracy = validation_accuracy(resolved)
   if os.path.exists(dst):
     shutil.rmtree(dst)
   orbax_io.save_params(dst, params, cfg, {'source': 'promot demo --pretrain',
-                                          'gin_file': 'runs/demo/pretrain.gin'})
+                                          'gin_file': 'runs/demo/pretrain.gin',
+                                          'validation': accuracy})
+  return accuracy
 
 
 def _complete(results_file: str, num_tasks: int) -> bool:
@@ -172,10 +195,11 @@ def _complete(results_file: str, num_tasks: int) -> bool:
 def _cmd_demo(args) -> int:
   from promot_jax import report
   demo = Demo(args.out_dir, quick=args.quick, extra_flags=getattr(args, 'gin_flags', []))
-  built = demo.run(pretrain=args.pretrain)
+  built = demo.run(pretrain=args.pretrain, pretrained=args.pretrained)
   if args.ship:
-    ship_pretrained(os.path.join(demo.out_dir, 'pretrain', 'pretrain'))
-    print(f'shipped the pretrained model to {SHIPPED_PRETRAINED}')
+    accuracy = ship_pretrained(os.path.join(demo.out_dir, 'pretrain', 'pretrain'))
+    print(f'shipped the pretrained model to {SHIPPED_PRETRAINED} (held-out 1-shot accuracy '
+          f'{accuracy:.1f})')
   print(report.markdown(built))
   print(f'demo finished in {demo.timings["total"]:.0f}s; report in {demo.out_dir}/report.md, '
         f'report.png, results.json; timings {demo.timings}')
@@ -190,6 +214,8 @@ def add_subcommand(subparsers) -> None:
   p.add_argument('--out_dir', default='out/demo', help='where everything goes (default out/demo)')
   p.add_argument('--pretrain', action='store_true',
                  help='pretrain the tiny model from scratch instead of using demo/pretrained')
+  p.add_argument('--pretrained', default=None,
+                 help='start from this pretrained checkpoint instead of demo/pretrained')
   p.add_argument('--ship', action='store_true',
                  help='with --pretrain: copy the new pretrained model to demo/pretrained')
   p.add_argument('--quick', action='store_true', help='a few steps of everything (a smoke test)')

@@ -188,6 +188,7 @@ def chart(report: Mapping[str, Any], path: str) -> None:
   fig, axes = plt.subplots(panels, 1, figsize=(max(8, 1.3 * (len(tasks) + 1)), 3.6 * panels),
                            squeeze=False)
   labels = [t for t in tasks] + ['Norm. Avg.']
+  colors = {m: f'C{i}' for i, m in enumerate(methods)}   # one colour per method in every panel
   x = np.arange(len(labels))
   width = 0.8 / max(1, len(methods))
   for ax, k in zip(axes[:, 0], shots):
@@ -195,7 +196,7 @@ def chart(report: Mapping[str, Any], path: str) -> None:
       values = [report['in_context'][t].get(m, {}).get(k) for t in tasks]
       values.append(report['norm_avg'][m].get(k))
       ax.bar(x + (i - (len(methods) - 1) / 2) * width,
-             [np.nan if v is None else v for v in values], width, label=m)
+             [np.nan if v is None else v for v in values], width, label=m, color=colors[m])
     ax.set_xticks(x, [s.replace('synth_', '') for s in labels], rotation=20)
     ax.set_ylabel('score (0-100)')
     ax.set_ylim(0, 100)
@@ -205,7 +206,8 @@ def chart(report: Mapping[str, Any], path: str) -> None:
     ax = axes[-1, 0]
     for method, h in report['histories'].items():
       steps = [row['step'] for row in h['history']]
-      ax.plot(steps, [100 * _mean_format(row) for row in h['history']], marker='o', label=method)
+      ax.plot(steps, [100 * _mean_format(row) for row in h['history']], marker='o', label=method,
+              color=colors.get(method))
     ax.set_xlabel('training step')
     ax.set_ylabel('% outputs in label set')
     ax.set_ylim(-2, 102)

@@ -25,6 +25,7 @@ Registered on import (twice is harmless):
                           never occur as query words of the train split; split 'eval' is
                           'test', which `promot eval` picks; training probes use 'validation')
   synth_sorted            the classification task (balanced True/False)
+  synth_has_a             another one: 'hbe Does it contain a? answer:' -> 'False'
   synth_icl_<k>shot       mixtures of the in-context tasks at k shots
 """
 
@@ -72,8 +73,9 @@ def icl_task_name(task: str, shots: int) -> str:
 
 
 ICL_TASK_NAMES = [icl_task_name(t, k) for k in SHOTS for t in TASKS]
-PAPER_METRIC = {**{name: 'accuracy' for name in ICL_TASK_NAMES}, 'synth_sorted': 'accuracy'}
-LABEL_SETS = {'synth_sorted': LABELS}
+CLASSIFY_TASK_NAMES = ['synth_sorted', 'synth_has_a']
+PAPER_METRIC = {name: 'accuracy' for name in ICL_TASK_NAMES + CLASSIFY_TASK_NAMES}
+LABEL_SETS = {name: LABELS for name in CLASSIFY_TASK_NAMES}
 
 
 # ------------------------------------------------------------------------- text, in Python
@@ -94,11 +96,6 @@ def icl_example(task: str, demo_words: Sequence[str], word: str) -> tuple[str, s
   return DEMO_SEPARATOR.join(demos + [query(word)]), fn(word)
 
 
-def sorted_example(word: str) -> tuple[str, str]:
-  """(inputs, targets) of the classification task."""
-  return f'{word} {SORTED_QUESTION}', LABELS[int(word == ''.join(sorted(word)))]
-
-
 # --------------------------------------------------------------------------------- the data
 
 def _rng(*keys) -> np.random.Generator:
@@ -107,20 +104,23 @@ def _rng(*keys) -> np.random.Generator:
 
 
 @functools.lru_cache(maxsize=None)
-def _held_out_words() -> frozenset[str]:
-  """Query words of the validation and test splits (kept out of train queries)."""
+def _held_out(kind: str) -> frozenset[str]:
+  """Words of the validation and test splits of `kind` ('queries': the in-context tasks'
+  query words; 'classify/<task>': a classification task's words), kept out of its train split."""
   words = set()
   for split in ('validation', 'test'):
-    rng = _rng('queries', split)
-    words.update(random_word(rng) for _ in range(SIZES[split]))
-    rng = _rng('sorted', split)
-    words.update(_sorted_word(rng, i) for i in range(SIZES[split]))
+    if kind == 'queries':
+      words.update(_query_words(split, SIZES[split], 'queries'))
+    else:
+      task = kind.split('/', 1)[1]
+      rng = _rng('classify', task, split)
+      words.update(_class_word(task, rng, i) for i in range(SIZES[split]))
   return frozenset(words)
 
 
 def _query_words(split: str, n: int, salt: str) -> list[str]:
   rng = _rng(salt, split)
-  held_out = _held_out_words() if split == 'train' else frozenset()
+  held_out = _held_out('queries') if split == 'train' else frozenset()
   out = []
   while len(out) < n:
     w = random_word(rng)
@@ -131,52 +131,85 @@ def _query_words(split: str, n: int, salt: str) -> list[str]:
 
 def pretrain_rows(split: str) -> list[tuple[str, str]]:
   """The pretraining mixture: a random task and k = 1..MAX_PRETRAIN_SHOTS per example."""
-  rng = _rng('pretrain', split)
+  rng = _rng('pretrain-demos', split)
   names = list(TASKS)
-  words = _query_words(split, SIZES[split], 'pretrain')
   rows = []
-  for word in words:
+  for word in _query_words(split, SIZES[split], 'pretrain'):
     task = names[int(rng.integers(len(names)))]
     k = int(rng.integers(1, MAX_PRETRAIN_SHOTS + 1))
-    rows.append(icl_example(task, [random_word(rng) for _ in range(k)], word))
+    rows.append(icl_example(task, _demo_words(rng, k, word), word))
   return rows
+
+
+def _demo_words(rng: np.random.Generator, k: int, query_word: str) -> list[str]:
+  demos: list[str] = []
+  while len(demos) < k:
+    w = random_word(rng)
+    if w != query_word:
+      demos.append(w)
+  return demos
 
 
 def icl_rows(task: str, shots: int, split: str) -> list[tuple[str, str]]:
   """One in-context task at k shots; the demonstrations of a query are seeded by it."""
   rows = []
   for word in _query_words(split, SIZES[split], 'queries'):
-    rng = _rng('demos', task, shots, word)
-    demos = []
-    while len(demos) < shots:
-      w = random_word(rng)
-      if w != word:
-        demos.append(w)
-    rows.append(icl_example(task, demos, word))
+    rows.append(icl_example(task, _demo_words(_rng('demos', task, shots, word), shots, word), word))
   return rows
 
 
-def _sorted_word(rng: np.random.Generator, i: int) -> str:
+def _is_sorted(word: str) -> bool:
+  return word == ''.join(sorted(word))
+
+
+def _with_a(rng: np.random.Generator) -> str:
   word = random_word(rng)
+  i = int(rng.integers(len(word)))
+  return word[:i] + 'a' + word[i + 1:]
+
+
+# name -> (question, predicate, a maker of positive words); negatives are drawn until false
+CLASSIFIERS: dict[str, tuple[str, Callable[[str], bool], Callable]] = {
+    'sorted': (SORTED_QUESTION, _is_sorted, lambda rng: ''.join(sorted(random_word(rng)))),
+    'has_a': ('Does it contain a? answer:', lambda w: 'a' in w, _with_a),
+}
+
+
+def classify_example(task: str, word: str) -> tuple[str, str]:
+  """(inputs, targets) of a classification task: '<word> <question>' -> True / False."""
+  question, predicate, _ = CLASSIFIERS[task]
+  return f'{word} {question}', LABELS[int(predicate(word))]
+
+
+def _class_word(task: str, rng: np.random.Generator, i: int) -> str:
+  """Even i: a word for which the task's answer is True; odd i: False."""
+  _, predicate, positive = CLASSIFIERS[task]
   if i % 2 == 0:
-    return ''.join(sorted(word))
-  while word == ''.join(sorted(word)):
+    return positive(rng)
+  word = random_word(rng)
+  while predicate(word):
     word = random_word(rng)
   return word
 
 
-def sorted_rows(split: str) -> list[tuple[str, str]]:
-  """The classification task, balanced: even rows sorted (True), odd rows not (False)."""
-  rng = _rng('sorted', split)
-  held_out = _held_out_words() if split == 'train' else frozenset()
-  rows = []
-  i = 0
+def classify_rows(task: str, split: str) -> list[tuple[str, str]]:
+  """A classification task, balanced: even rows True, odd rows False."""
+  rng = _rng('classify', task, split)
+  held_out = _held_out(f'classify/{task}') if split == 'train' else frozenset()
+  rows: list[tuple[str, str]] = []
   while len(rows) < SIZES[split]:
-    word = _sorted_word(rng, i)
+    word = _class_word(task, rng, len(rows))
     if word not in held_out:
-      rows.append(sorted_example(word))
-      i += 1
+      rows.append(classify_example(task, word))
   return rows
+
+
+def sorted_example(word: str) -> tuple[str, str]:
+  return classify_example('sorted', word)
+
+
+def sorted_rows(split: str) -> list[tuple[str, str]]:
+  return classify_rows('sorted', split)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -212,7 +245,8 @@ def _add(name: str, make: Callable[[str], list[tuple[str, str]]]) -> None:
 
 def _register() -> None:
   _add('synth_pretrain', pretrain_rows)
-  _add('synth_sorted', sorted_rows)
+  for task in CLASSIFIERS:
+    _add(f'synth_{task}', lambda split, task=task: classify_rows(task, split))
   for k in SHOTS:
     for task in TASKS:
       _add(icl_task_name(task, k), lambda split, task=task, k=k: icl_rows(task, k, split))
