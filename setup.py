@@ -37,6 +37,7 @@ setup(
             'hypothesis>=6',
             'torch==2.13.0',          # CPU reference for parity checks
             'transformers>=5,<6',
+            'peft>=0.21,<0.22',       # PEFT prompt tuning: `promot bench`'s reference
             'safetensors>=0.4',
         ],
         'tpu': [f'jax[tpu]=={JAX_VERSION}'],
