@@ -117,6 +117,8 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
   if 'data' in sections:
     log('data pipeline')
     result['data'] = jax_bench.optional(lambda: jax_bench.data_pipeline(bc), log)
+    if result['data']:
+      log(f'  {result["data"]["examples_per_s"]:.0f} examples/s')
 
   if profile:
     from promot_jax.bench import profile as profile_lib
