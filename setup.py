@@ -38,6 +38,7 @@ setup(
             'hypothesis>=6',
             'torch==2.13.0',          # CPU reference for parity checks
             'transformers>=5,<6',
+            'peft>=0.21,<0.22',       # PEFT prompt tuning: `promot bench`'s reference
             'safetensors>=0.4',
             'peft>=0.21,<0.22',       # export: the prompt as a PEFT prompt-tuning adapter
             'lm-eval>=0.4.13,<0.5',   # the lm-evaluation-harness adapter

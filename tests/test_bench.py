@@ -1,0 +1,144 @@
+"""`promot bench` and the speed properties it relies on, checked structurally (no timing asserts).
+
+- stage 1 computes no weight gradient: its compiled step has no matmul or scatter that yields
+  an array of a frozen weight's shape (stage 2's does, so the check can fail), and it costs
+  fewer FLOPs than stage 2;
+- the trainer's jitted step, evaluation and decoding compile once: no compilation after the
+  first checkpoint period of a real `promot train`;
+- `promot bench --quick` writes every figure the README table shows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from promot_jax import cli, tree_util
+from promot_jax.bench import common, jax_bench
+from promot_jax.bench.common import BenchConfig, CompileCounter, synthetic_batch
+
+# Shapes chosen so that no activation has the shape of a weight: tokens (3 * 11 encoder
+# positions with the prompt, 3 * 5 decoder positions) never equal 32, 64 or 512.
+SHAPES = BenchConfig(model='mt5_tiny', batch=3, inputs=7, targets=5, prompt_length=4, repeats=1)
+
+
+@pytest.fixture(scope='module')
+def params():
+  return jax_bench.random_params(SHAPES)
+
+
+@pytest.fixture(scope='module')
+def batch():
+  return synthetic_batch(SHAPES, jax_bench.model_config(SHAPES).vocab_size)
+
+
+def weight_shaped_results(step: jax_bench.StageStep, frozen_only: bool) -> list[str]:
+  """Matmul / scatter instructions of the compiled step whose result has a weight's shape."""
+  flat = tree_util.flatten(step.frozen if frozen_only else
+                           {**tree_util.flatten(step.frozen),
+                            **tree_util.flatten(step.state.trainable)})
+  shapes = {f'f32[{",".join(map(str, v.shape))}]' for v in flat.values() if v.ndim == 2}
+  found = re.findall(r'= (f32\[[0-9,]+\])\S* (dot|scatter|convolution|custom-call)\(',
+                     step.compiled.as_text())
+  return [f'{op} {shape}' for shape, op in found if shape in shapes]
+
+
+def test_stage1_step_computes_no_weight_gradient(params, batch):
+  stage1 = jax_bench.StageStep(SHAPES, jax_bench.stage_for('prompt_tuning'), params, batch)
+  stage2 = jax_bench.StageStep(SHAPES, jax_bench.stage_for('model_tuning'), params, batch)
+  assert weight_shaped_results(stage1, frozen_only=True) == []
+  # The same probe finds stage 2's weight gradients (dW matmuls, the embedding scatter).
+  found = weight_shaped_results(stage2, frozen_only=False)
+  assert any(f.startswith('dot') for f in found) and any(f.startswith('scatter') for f in found)
+  # Forward + activation gradients only: well under stage 2's forward + both gradients.
+  assert stage1.info()['xla_flops'] < 0.7 * stage2.info()['xla_flops']
+
+
+def test_stage1_optimizer_state_is_prompt_sized(params, batch):
+  info = jax_bench.StageStep(SHAPES, jax_bench.stage_for('prompt_tuning'), params,
+                             batch).info()
+  assert info['trainable_params'] == SHAPES.prompt_length * jax_bench.model_config(SHAPES).emb_dim
+  # Adafactor, unfactored [4, 32] prompt: one second-moment array of the prompt's size + counts.
+  assert info['optimizer_state_bytes'] <= 4 * info['trainable_params'] + 64
+
+
+@pytest.mark.parametrize('stage', ['prompt_tuning', 'model_tuning'])
+def test_train_step_does_not_recompile_after_the_first_step(params, batch, stage):
+  counts = jax_bench.count_step_compiles(SHAPES, params, batch, stage, steps=3)
+  assert counts['first_step_compiles'] >= 1          # the counter sees compilations at all
+  assert counts['later_step_compiles'] == 0
+
+
+@pytest.mark.slow   # a whole `promot train` with three checkpoints (validation + decoding)
+def test_a_real_stage_compiles_nothing_after_its_first_checkpoint(tmp_path, monkeypatch):
+  """Steps, teacher-forced validation and greedy decoding all reuse their programs."""
+  from promot_jax.checkpoints.manager import StageCheckpoints
+  seen: list[int] = []
+  original = StageCheckpoints.update_metrics
+
+  def record(self, step, metrics):
+    seen.append(counter.count)
+    return original(self, step, metrics)
+
+  monkeypatch.setattr(StageCheckpoints, 'update_metrics', record)
+  with CompileCounter() as counter:
+    code = cli.main(['train', '--gin_file', 'runs/promot_tiny_cpu.gin', '--stage',
+                     'prompt_tuning', f"--gin.MODEL_DIR='{tmp_path}'",
+                     '--gin.PROMPT_TUNING_STEPS=6', '--gin.PROMPT_CHECKPOINT_PERIOD=2'])
+  assert code == 0 and len(seen) == 3
+  assert seen[0] > 0                                   # compiled during the first period
+  assert seen[2] == seen[1], f'compilations at checkpoints: {seen}'
+
+
+def test_compile_counter_counts_only_inside_its_block():
+  import jax
+  import numpy as np
+  f = jax.jit(lambda x: x * 3 + 1)
+  seven, five = np.ones((7, 3), np.float32), np.ones((5, 3), np.float32)
+  with CompileCounter() as c:
+    f(seven)
+    f(seven)
+  f(five)                                              # a new shape, outside the block
+  assert c.count == 1
+
+
+@pytest.mark.slow   # the CLI end to end (imports every plugged subcommand)
+def test_bench_quick_train_section(tmp_path, capsys):
+  out = tmp_path / 'bench.json'
+  assert cli.main(['bench', '--quick', '--no-hf', '--sections', 'train', '--repeats', '1',
+                   '--json', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert set(result['train']) == {'prompt_tuning', 'model_tuning', 'finetune'}
+  for row in result['train'].values():
+    assert row['step_s'] > 0 and row['compile_s'] > 0 and row['tokens_per_s'] > 0
+  assert result['ratios']['prompt_tuning / model_tuning'] > 0
+  assert result['ratios']['finetune / hf_full_finetune'] is None   # --no-hf
+  assert 'ratio prompt_tuning / model_tuning' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_section_with_hf(tmp_path):
+  pytest.importorskip('peft')
+  out = tmp_path / 'bench.json'
+  assert cli.main(['bench', '--quick', '--repeats', '1', '--profile', '--json', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert set(result['train']) == {'prompt_tuning', 'model_tuning', 'finetune'}
+  for row in result['train'].values():
+    assert row['step_s'] > 0 and row['compile_s'] > 0 and row['tokens_per_s'] > 0
+  pt, mt = result['train']['prompt_tuning'], result['train']['model_tuning']
+  assert pt['optimizer_state_bytes'] < mt['optimizer_state_bytes']
+  assert set(result['decode']) == {'promot_jax/greedy', 'promot_jax/beam4', 'hf/greedy',
+                                   'hf/beam4'}
+  assert result['data']['examples_per_s'] > 0
+  assert set(result['hf_train']) == {'peft_prompt_tuning', 'full_finetune'}
+  assert all(r is not None and r > 0 for r in result['ratios'].values())
+  assert set(result['profile']['finetune']) >= {'forward', 'forward+backward', 'optimizer'}
+
+
+def test_synthetic_batch_has_no_padding_and_shifted_decoder_inputs():
+  b = synthetic_batch(common.PRESETS['quick'], 512)
+  assert (b['encoder_input_tokens'] >= 2).all() and (b['decoder_target_tokens'] >= 2).all()
+  assert (b['decoder_input_tokens'][:, 0] == 0).all()
+  assert (b['decoder_input_tokens'][:, 1:] == b['decoder_target_tokens'][:, :-1]).all()
