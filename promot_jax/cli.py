@@ -24,11 +24,17 @@ PLUGGED_SUBCOMMANDS = ('promot_jax.evaluation', 'promot_jax.plan', 'promot_jax.d
 
 
 def load_run(gin_files, gin_flags):
-  """Parse gin (files, then --gin.NAME=VALUE overrides) and build the RunConfig."""
+  """Parse gin (files, then --gin.NAME=VALUE overrides) and build the RunConfig.
+
+  A macro that nothing reads (a typo such as TRAIN_STPES) is an error here, before any
+  command touches MODEL_DIR.
+  """
   import gin
-  from promot_jax import gin_utils
+  from promot_jax import gin_check, gin_utils
   from promot_jax.run_config import RunConfig
-  gin_utils.parse_gin(gin_files, gin_utils.gin_flags_to_bindings(gin_flags))
+  bindings = gin_utils.gin_flags_to_bindings(gin_flags)
+  files = gin_utils.parse_gin(gin_files, bindings)
+  gin_check.check_unread_macros(files, bindings)
   try:
     return gin.get_configurable(RunConfig)()
   except (ValueError, TypeError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tokenize
 from typing import Any, Sequence
 
 import gin
@@ -16,23 +17,31 @@ GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),
-              search_paths: Sequence[str] = ()) -> None:
-  """Parse gin files then bindings; a clear error names the file or binding at fault."""
+              search_paths: Sequence[str] = ()) -> list[str]:
+  """Parse gin files then bindings; returns every file read (includes too).
+
+  A missing file or include and an unbalanced bracket are found before gin runs (with file
+  and line, gin_check.check_syntax); any other parse error becomes one line as well.
+  """
+  from promot_jax import gin_check
   gin.clear_config()
-  for path in ('.', GIN_DIR, *search_paths):
+  paths = ('.', GIN_DIR, *search_paths)
+  for path in paths:
     gin.add_config_file_search_path(path)
   for f in gin_files:
-    if not any(os.path.exists(os.path.join(p, f)) for p in ('.', GIN_DIR, *search_paths)) \
-        and not os.path.exists(f):
+    if gin_check.resolve_include(f, paths) is None:
       raise FileNotFoundError(f'Gin file {f!r} not found (looked in ., {GIN_DIR}).')
+  files = gin_check.check_syntax(gin_files, bindings, paths)
   quiet = _DropMissingPathNoise()
   logging.getLogger().addFilter(quiet)  # gin logs every search-path miss as an error
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
-  except (ValueError, SyntaxError, ImportError, KeyError, NameError) as e:
-    raise ValueError(f'Bad gin configuration ({", ".join(gin_files) or "bindings"}): {e}') from e
+  except (ValueError, SyntaxError, ImportError, KeyError, NameError, OSError,
+          tokenize.TokenError) as e:
+    raise ValueError(gin_check.format_gin_error(e, files or gin_files)) from e
   finally:
     logging.getLogger().removeFilter(quiet)
+  return files
 
 
 class _DropMissingPathNoise(logging.Filter):

@@ -8,6 +8,7 @@ from typing import Optional
 import jax
 
 from promot_jax import partitioning
+from promot_jax.preemption import StopRequest
 from promot_jax.run_config import RunConfig
 
 
@@ -68,8 +69,9 @@ def run_stages(run: RunConfig, only_stage: Optional[str] = None) -> list[dict]:
       (s, run.stages[i - 1] if i else None) for i, s in enumerate(run.stages)]
   summaries = []
   t0 = time.perf_counter()
-  for stage, previous in selected:
-    summaries.append(train_stage(run, stage.replace(**overrides), mesh, previous))
+  with StopRequest() as stop:  # one for the whole run: a signal between stages stops it too
+    for stage, previous in selected:
+      summaries.append(train_stage(run, stage.replace(**overrides), mesh, previous, stop))
   if jax.process_index() == 0:
     print(f'promot: finished {[s["stage"] for s in summaries]} in {time.perf_counter() - t0:.1f}s',
           flush=True)

@@ -8,6 +8,7 @@ touches is laid out by the logical axis rules on the (data, model) mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -184,8 +185,24 @@ def validate(run: RunConfig, stage: Stage, eval_fn: Callable, params: Any, mesh)
           'validation/num_sequences': totals['num_sequences']}
 
 
-def train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage] = None) -> dict:
-  """Run (or resume, or skip if finished) one stage; returns its summary incl. the kept step."""
+def _stopped_before(stage: Stage, step: int, signal_name: str) -> Preempted:
+  return Preempted(f'stage {stage.name} stopped before step {step + 1}/{stage.train_steps} on '
+                   f'{signal_name}; run the same command again to resume.')
+
+
+def train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage] = None,
+                stop: Optional[StopRequest] = None) -> dict:
+  """Run (or resume, or skip if finished) one stage; returns its summary incl. the kept step.
+
+  `stop`: the run's StopRequest (runner.run_stages holds one across all stages, so a signal
+  between stages is seen too); by default the stage installs its own.
+  """
+  with contextlib.nullcontext(stop) if stop is not None else StopRequest() as stop:
+    return _train_stage(run, stage, mesh, previous, stop)
+
+
+def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
+                 stop: StopRequest) -> dict:
   stage.validate()
   cfg, rules = run.model_config, run.rules()
   stage_dir = os.path.join(run.model_dir, stage.name)
@@ -194,6 +211,8 @@ def train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage] = 
   if ckpts.is_done(stage.train_steps):
     progress.log(f'already finished; kept checkpoint: {ckpts.kept()}')
     return {'stage': stage.name, 'kept': ckpts.kept(), 'skipped': True}
+  if jax.process_count() == 1 and stop.signal_name is not None:  # signalled between stages
+    raise _stopped_before(stage, 0, stop.signal_name)
   for name in ckpts.clean_partial():
     progress.log(f'removed an incomplete checkpoint left by a crash: {name}')
   partitioning.check_batch_divisible(run.batch_size, mesh)
@@ -293,33 +312,34 @@ def train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage] = 
                    '  '.join(f'{k.removeprefix("validation/")} {v:.4f}' for k, v in val.items()))
 
   skipped = 0
-  with StopRequest() as stop:
-    for step in range(start, stage.train_steps):
-      batch = partitioning.global_batch_from_host(next(it), mesh)
-      state, metrics = step_fn(state, frozen, batch, rng)
-      done = step + 1
-      if not bool(metrics['finite']):  # the step left the state untouched (train_step.py)
-        if run.nonfinite_policy != 'skip':
-          raise TrainingError(
-              f'Stage {stage.name}: non-finite loss or gradient at step {done} (loss '
-              f'{float(metrics["loss"])}). Nothing was updated by that step; the last good '
-              f'checkpoint is {ckpts.path(ckpts.latest()) if ckpts.latest() else "(none yet)"}. '
-              "Lower the learning rate, check the data, or set NONFINITE_POLICY = 'skip'.")
-        skipped += 1
-        progress.log(f'step {done}: non-finite loss or gradient, batch skipped ({skipped} so far)')
-      if done % run.log_every == 0 or done == stage.train_steps or \
-          done % stage.checkpoint_period == 0:
-        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
-        progress.step(done, dict(last_metrics, skipped_batches=skipped), stage.learning_rate)
-      if done % stage.checkpoint_period == 0 or done == stage.train_steps:
-        checkpoint(done)
-      elif stop.should_stop(done):
-        checkpoint(done, validate_too=False)
-      if stop.signal_name is not None and done < stage.train_steps:
-        progress.log(f'{stop.signal_name} received: stopped after step {done} with a checkpoint '
-                     'at ' + ckpts.path(done))
-        raise Preempted(f'stage {stage.name} stopped at step {done}/{stage.train_steps} on '
-                        f'{stop.signal_name}; run the same command again to resume.')
+  if start < stage.train_steps and stop.should_stop(start):  # signalled during the set-up
+    raise _stopped_before(stage, start, stop.signal_name)
+  for step in range(start, stage.train_steps):
+    batch = partitioning.global_batch_from_host(next(it), mesh)
+    state, metrics = step_fn(state, frozen, batch, rng)
+    done = step + 1
+    if not bool(metrics['finite']):  # the step left the state untouched (train_step.py)
+      if run.nonfinite_policy != 'skip':
+        raise TrainingError(
+            f'Stage {stage.name}: non-finite loss or gradient at step {done} (loss '
+            f'{float(metrics["loss"])}). Nothing was updated by that step; the last good '
+            f'checkpoint is {ckpts.path(ckpts.latest()) if ckpts.latest() else "(none yet)"}. '
+            "Lower the learning rate, check the data, or set NONFINITE_POLICY = 'skip'.")
+      skipped += 1
+      progress.log(f'step {done}: non-finite loss or gradient, batch skipped ({skipped} so far)')
+    if done % run.log_every == 0 or done == stage.train_steps or \
+        done % stage.checkpoint_period == 0:
+      last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
+      progress.step(done, dict(last_metrics, skipped_batches=skipped), stage.learning_rate)
+    if done % stage.checkpoint_period == 0 or done == stage.train_steps:
+      checkpoint(done)
+    elif stop.should_stop(done):
+      checkpoint(done, validate_too=False)
+    if stop.signal_name is not None and done < stage.train_steps:
+      progress.log(f'{stop.signal_name} received: stopped after step {done} with a checkpoint '
+                   'at ' + ckpts.path(done))
+      raise Preempted(f'stage {stage.name} stopped at step {done}/{stage.train_steps} on '
+                      f'{stop.signal_name}; run the same command again to resume.')
   kept = ckpts.kept()
   ckpts.mark_done({'train_steps': stage.train_steps, 'kept': kept})
   progress.log(f'done; kept checkpoint {kept}')

@@ -19,7 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from promot_jax import cli, model, tree_util
+from promot_jax import cli, tree_util
 from promot_jax.checkpoints import manager as manager_lib
 from promot_jax.checkpoints import orbax_io
 from promot_jax.checkpoints.manager import (CheckpointError, CheckpointSaveError,
@@ -210,21 +210,13 @@ def test_clean_partial_puts_back_a_step_moved_aside_by_a_crashed_resave(two_save
 
 
 # ---- through the trainer (tiny CPU runs) ---------------------------------------------------------
-@pytest.fixture(scope='module')
-def pretrained(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('pre') / 'mt5_tiny')
-  cfg = get_config('mt5_tiny')
-  params = jax.tree_util.tree_map(np.asarray, model.init_params(cfg, jax.random.PRNGKey(1)))
-  orbax_io.save_params(path, params, cfg)
-  return path
-
-
-def _train(model_dir, pretrained, steps: int) -> tuple[int, str, str]:
+def _train(model_dir, pretrained_path, steps: int) -> tuple[int, str, str]:
   """`promot train` of stage 1 for `steps` (checkpoint every 5, dropout on): (code, out, err)."""
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     code = cli.main(['train', '--gin_file', RUN, f"--gin.MODEL_DIR='{model_dir}'",
-                     f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained}'", '--stage', 'prompt_tuning',
+                     f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained_path}'",
+                     '--stage', 'prompt_tuning',
                      f'--gin.TRAIN_STEPS={steps}', '--gin.PROMPT_CHECKPOINT_PERIOD=5',
                      '--gin.DROPOUT_RATE=0.1', '--gin.EVAL_BATCHES=1'])
   return code, out.getvalue(), err.getvalue()
@@ -234,7 +226,7 @@ def _train(model_dir, pretrained, steps: int) -> tuple[int, str, str]:
 def trained(tmp_path_factory, pretrained):
   """A stage-1 dir stopped after 10 steps: checkpoint_5 and checkpoint_10."""
   model_dir = tmp_path_factory.mktemp('trained')
-  code, _, err = _train(model_dir, pretrained, 10)
+  code, _, err = _train(model_dir, pretrained.path, 10)
   assert code == 0, err
   assert StageCheckpoints(str(model_dir / 'prompt_tuning')).steps() == [5, 10]
   return model_dir
@@ -261,15 +253,15 @@ def resumed(trained, pretrained, tmp_path_factory):
   shutil.copytree(stage / 'checkpoint_10' / 'params', partial / 'params')
   with open(partial / 'state.json', 'w') as f:
     f.write('{"step": 15')
-  results['tmp_left'] = (*_train(model_dir, pretrained, 15), stage)
+  results['tmp_left'] = (*_train(model_dir, pretrained.path, 15), stage)
   # 2. the newest checkpoint's parameter files truncated
   model_dir, stage = _copy(trained, tmp_path_factory, 'truncated')
   assert _truncate_params(str(stage / 'checkpoint_10')) > 0
-  results['truncated'] = (*_train(model_dir, pretrained, 15), stage)
+  results['truncated'] = (*_train(model_dir, pretrained.path, 15), stage)
   # 3. the newest checkpoint's state.json is garbage
   model_dir, stage = _copy(trained, tmp_path_factory, 'bad_state')
   _garble_state(stage, 10)
-  results['bad_state'] = (*_train(model_dir, pretrained, 15), stage)
+  results['bad_state'] = (*_train(model_dir, pretrained.path, 15), stage)
   return results
 
 
@@ -314,7 +306,7 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(trained, pretra
   model_dir, stage = _copy(trained, tmp_path_factory, 'all_bad')
   _truncate_params(str(stage / 'checkpoint_10'))
   _garble_state(stage, 5)
-  code, out, err = _train(model_dir, pretrained, 15)
+  code, out, err = _train(model_dir, pretrained.path, 15)
   assert code == 2
   assert 'none of its 2 checkpoint(s) could be restored' in err
   assert str(stage / 'checkpoint_5') in err and str(stage / 'checkpoint_10') in err
@@ -328,7 +320,7 @@ def test_disk_full_mid_run_stops_with_one_line_and_keeps_earlier_checkpoints(
     pretrained, tmp_path, monkeypatch):
   # calls 1-2 write checkpoint_5 (params, opt_state); call 3, checkpoint_10's params, fails
   _fail_orbax_save(monkeypatch, 3, ENOSPC)
-  code, _, err = _train(tmp_path / 'full', pretrained, 10)
+  code, _, err = _train(tmp_path / 'full', pretrained.path, 10)
   monkeypatch.undo()
   assert code == 2
   assert 'No space left on device' in err and 'disk is full' in err

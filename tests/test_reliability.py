@@ -1,5 +1,6 @@
 """Preemption and numerical faults: a stopped run resumes exactly; NaN never reaches a checkpoint."""
 
+import glob
 import json
 import os
 import signal
@@ -7,30 +8,19 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
-from promot_jax import cli, model, tree_util
+from promot_jax import cli, tree_util
 from promot_jax.checkpoints import orbax_io
-from promot_jax.config import get_config
 from promot_jax.preemption import EXIT_PREEMPTED
 
 RUN = 'runs/promot_tiny_cpu.gin'
 
 
-@pytest.fixture(scope='module')
-def pretrained(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('pre') / 'mt5_tiny')
-  cfg = get_config('mt5_tiny')
-  params = jax.tree_util.tree_map(np.asarray, model.init_params(cfg, jax.random.PRNGKey(1)))
-  orbax_io.save_params(path, params, cfg)
-  return path
-
-
-def flags(model_dir, pretrained, *extra):
+def flags(model_dir, pretrained_path, *extra):
   return ['--gin_file', RUN, f"--gin.MODEL_DIR='{model_dir}'",
-          f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained}'", '--stage', 'prompt_tuning',
+          f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained_path}'", '--stage', 'prompt_tuning',
           '--gin.TRAIN_STEPS=24', '--gin.LOG_EVERY=1', *extra]
 
 
@@ -42,11 +32,11 @@ def final_params(model_dir, step=24):
 @pytest.mark.slow  # three tiny runs, one in a subprocess: ~1.5-4 min on 2 cores
 def test_sigterm_mid_stage_checkpoints_and_the_rerun_resumes_exactly(tmp_path, pretrained):
   straight = tmp_path / 'straight'
-  assert cli.main(['train', *flags(straight, pretrained)]) == 0
+  assert cli.main(['train', *flags(straight, pretrained.path)]) == 0
 
   stopped = tmp_path / 'stopped'
   proc = subprocess.Popen([sys.executable, '-m', 'promot_jax.cli', 'train',
-                           *flags(stopped, pretrained)], stdout=subprocess.PIPE,
+                           *flags(stopped, pretrained.path)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   for line in proc.stdout:                      # wait until training is under way
@@ -63,16 +53,77 @@ def test_sigterm_mid_stage_checkpoints_and_the_rerun_resumes_exactly(tmp_path, p
   state = json.load(open(stopped / 'prompt_tuning' / f'checkpoint_{stop_step}' / 'state.json'))
   assert state['data']['batches_consumed'] == stop_step
 
-  assert cli.main(['train', *flags(stopped, pretrained)]) == 0   # the same command resumes
+  assert cli.main(['train', *flags(stopped, pretrained.path)]) == 0   # the same command resumes
   a, b = final_params(straight), final_params(stopped)
   for p in a:
     np.testing.assert_array_equal(a[p], b[p], err_msg=p)
 
 
+def run_flags(model_dir, pretrained_path):
+  """`promot run` of both stages, 6 steps each, checkpoints every 3, dropout on."""
+  return ['--gin_file', RUN, f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained_path}'", '--gin.PROMPT_TUNING_STEPS=6',
+          '--gin.PROMPT_CHECKPOINT_PERIOD=3', '--gin.MODEL_TUNING_STEPS=6',
+          '--gin.MODEL_CHECKPOINT_PERIOD=3', '--gin.DROPOUT_RATE=0.1', '--gin.EVAL_BATCHES=1',
+          '--gin.LOG_EVERY=1']
+
+
+def logged_losses(stage_dir) -> dict[int, float]:
+  """Step -> training loss as written to TensorBoard (float32, every event file of the stage)."""
+  import tensorflow as tf
+  out = {}
+  for path in glob.glob(os.path.join(stage_dir, 'tb', 'events*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == 'train/loss':
+          out[event.step] = float(tf.make_ndarray(value.tensor)) if value.HasField('tensor') \
+              else value.simple_value
+  return out
+
+
+@pytest.mark.slow  # three two-stage runs, two of them subprocesses: ~2-3 min on 2 cores
+def test_sigterm_right_after_stage1_then_the_rerun_equals_an_uninterrupted_run(tmp_path,
+                                                                              pretrained):
+  straight = tmp_path / 'straight'
+  assert cli.main(['run', *run_flags(straight, pretrained.path)]) == 0
+
+  stopped = tmp_path / 'stopped'
+  command = [sys.executable, '-m', 'promot_jax.cli', 'run', *run_flags(stopped, pretrained.path)]
+  with open(tmp_path / 'stderr.txt', 'w') as stderr:   # a file: a full pipe cannot block it
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    for line in proc.stdout:                  # stage 1 prints this after writing done.json
+      if line.startswith('[prompt_tuning] done;'):
+        proc.send_signal(signal.SIGTERM)
+        break
+    proc.communicate(timeout=300)
+  err = (tmp_path / 'stderr.txt').read_text()
+  assert proc.returncode == EXIT_PREEMPTED, err
+  assert ('promot run: stage model_tuning stopped before step 1/6 on SIGTERM; run the same '
+          'command again to resume.') in err
+  assert (stopped / 'prompt_tuning' / 'done.json').exists()
+  stage2 = stopped / 'model_tuning'
+  assert not stage2.exists() or not any(n.startswith('checkpoint_') for n in os.listdir(stage2))
+
+  rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr
+  assert '[prompt_tuning] already finished' in rerun.stdout
+
+  for stage in ('prompt_tuning', 'model_tuning'):
+    want, got = logged_losses(straight / stage), logged_losses(stopped / stage)
+    assert sorted(want) == list(range(1, 7)) and got == want, stage
+    a, b = (tree_util.flatten(orbax_io.restore_params(str(d / stage / 'checkpoint_6'),
+                                                      as_numpy=True)) for d in (straight, stopped))
+    assert a.keys() == b.keys()
+    for p in a:
+      np.testing.assert_array_equal(a[p], b[p], err_msg=f'{stage}: {p}')
+    kept = [json.load(open(d / stage / 'kept.json')) for d in (straight, stopped)]
+    assert kept[0]['step'] == kept[1]['step'] and kept[0]['value'] == kept[1]['value']
+
+
 def test_nonfinite_loss_stops_with_the_step_and_writes_nothing(tmp_path, pretrained, capsys):
   bad = tmp_path / 'nan_prompt.npy'
   np.save(bad, np.full((4, 32), np.nan, np.float32))
-  code = cli.main(['train', *flags(tmp_path / 'nan', pretrained, "--gin.PROMPT_INIT='file'",
+  code = cli.main(['train', *flags(tmp_path / 'nan', pretrained.path, "--gin.PROMPT_INIT='file'",
                                    f"--gin.PROMPT_INIT_FILE='{bad}'")])
   assert code == 3
   err = capsys.readouterr().err
@@ -86,7 +137,7 @@ def test_nonfinite_policy_skip_drops_the_batches_and_leaves_state_untouched(tmp_
                                                                           capsys):
   bad = tmp_path / 'nan_prompt.npy'
   np.save(bad, np.full((4, 32), np.nan, np.float32))
-  code = cli.main(['train', *flags(tmp_path / 'skip', pretrained, "--gin.PROMPT_INIT='file'",
+  code = cli.main(['train', *flags(tmp_path / 'skip', pretrained.path, "--gin.PROMPT_INIT='file'",
                                    f"--gin.PROMPT_INIT_FILE='{bad}'",
                                    "--gin.NONFINITE_POLICY='skip'", '--gin.TRAIN_STEPS=3',
                                    '--gin.PROMPT_CHECKPOINT_PERIOD=3')])

@@ -3,13 +3,11 @@
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
-from promot_jax import cli, model, tree_util
+from promot_jax import cli, tree_util
 from promot_jax.checkpoints import orbax_io
-from promot_jax.config import get_config
 
 RUN = 'runs/promot_tiny_cpu.gin'
 
@@ -25,20 +23,10 @@ def listing(root):
 
 
 @pytest.fixture(scope='module')
-def pretrained(tmp_path_factory):
-  """A converted (orbax) tiny checkpoint: the run's INITIAL_CHECKPOINT_PATH."""
-  path = str(tmp_path_factory.mktemp('pretrained') / 'mt5_tiny')
-  cfg = get_config('mt5_tiny')
-  params = jax.tree_util.tree_map(np.asarray, model.init_params(cfg, jax.random.PRNGKey(1)))
-  orbax_io.save_params(path, params, cfg, {'source': 'test'})
-  return path, params
-
-
-@pytest.fixture(scope='module')
 def finished_run(tmp_path_factory, pretrained):
   model_dir = str(tmp_path_factory.mktemp('run'))
   code = cli.main(['run', '--gin_file', RUN, f"--gin.MODEL_DIR='{model_dir}'",
-                   f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained[0]}'"])
+                   f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained.path}'"])
   assert code == 0
   return model_dir
 
@@ -49,7 +37,7 @@ def _flags(model_dir, pretrained_path, *extra):
 
 
 def test_run_goes_stage1_then_stage2_and_keeps_the_best(finished_run, pretrained):
-  src = tree_util.flatten(pretrained[1])
+  src = tree_util.flatten(pretrained.params)
   for stage in ('prompt_tuning', 'model_tuning'):
     d = os.path.join(finished_run, stage)
     kept = json.load(open(os.path.join(d, 'kept.json')))
@@ -85,7 +73,7 @@ def test_loss_falls_on_the_learnable_toy_task(finished_run):
 
 def test_rerunning_a_finished_run_skips_and_changes_nothing(finished_run, pretrained, capsys):
   before = listing(finished_run)
-  assert cli.main(['run', *_flags(finished_run, pretrained[0])[0:]]) == 0
+  assert cli.main(['run', *_flags(finished_run, pretrained.path)[0:]]) == 0
   assert 'already finished' in capsys.readouterr().out
   after = listing(finished_run)
   assert {k: v for k, v in after.items() if '/tb/' not in k} == \
@@ -103,7 +91,7 @@ def test_rerunning_a_finished_run_skips_and_changes_nothing(finished_run, pretra
 def test_bad_input_is_a_clear_error_and_model_dir_untouched(finished_run, pretrained, capsys,
                                                              extra, message):
   before = listing(finished_run)
-  assert cli.main(['run', *_flags(finished_run, pretrained[0], extra)]) == 2
+  assert cli.main(['run', *_flags(finished_run, pretrained.path, extra)]) == 2
   assert message in capsys.readouterr().err
   assert listing(finished_run) == before
 
@@ -112,7 +100,7 @@ def test_prompt_length_differing_from_the_stage1_checkpoint(finished_run, pretra
                                                             capsys):
   stage1 = json.load(open(os.path.join(finished_run, 'prompt_tuning', 'kept.json')))['path']
   before = listing(finished_run)
-  assert cli.main(['train', *_flags(tmp_path / 'fresh', pretrained[0], '--gin.PROMPT_LENGTH=6',
+  assert cli.main(['train', *_flags(tmp_path / 'fresh', pretrained.path, '--gin.PROMPT_LENGTH=6',
                                     f"--gin.PREVIOUS_CHECKPOINT_PATH='{stage1}'"),
                    '--stage', 'model_tuning']) == 2
   err = capsys.readouterr().err
@@ -121,7 +109,7 @@ def test_prompt_length_differing_from_the_stage1_checkpoint(finished_run, pretra
 
 
 def test_stage2_without_a_stage1_checkpoint_is_a_clear_error(tmp_path, pretrained, capsys):
-  assert cli.main(['train', *_flags(tmp_path / 'empty', pretrained[0]),
+  assert cli.main(['train', *_flags(tmp_path / 'empty', pretrained.path),
                    '--stage', 'model_tuning']) == 2
   err = capsys.readouterr().err
   assert 'prompt_tuning' in err and 'has none' in err
@@ -132,8 +120,8 @@ def test_resumed_stage_equals_an_uninterrupted_one(tmp_path, pretrained):
   """Stopping after 20 steps and continuing to 30 gives bit-identical parameters: the data
   iterator position and the step-keyed dropout rng are restored with the checkpoint."""
   def train(model_dir, steps):
-    assert cli.main(['train', *_flags(model_dir, pretrained[0]), '--stage', 'model_tuning',
-                     f'--gin.PREVIOUS_CHECKPOINT_PATH=\'{pretrained[0]}\'',
+    assert cli.main(['train', *_flags(model_dir, pretrained.path), '--stage', 'model_tuning',
+                     f'--gin.PREVIOUS_CHECKPOINT_PATH=\'{pretrained.path}\'',
                      '--gin.PROMPT_INIT=\'uniform\'', '--gin.DROPOUT_RATE=0.1',
                      f'--gin.TRAIN_STEPS={steps}']) == 0
     return orbax_io.restore_params(os.path.join(model_dir, 'model_tuning', 'checkpoint_30'),
