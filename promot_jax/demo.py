@@ -113,8 +113,8 @@ class Demo:
     else:
       pretrained = os.path.abspath(pretrained or SHIPPED_PRETRAINED)
       if not os.path.isdir(pretrained):
-        raise FileNotFoundError(f'The shipped pretrained model {pretrained} is missing; run '
-                                'promot demo --pretrain to make it.')
+        raise FileNotFoundError(f'The pretrained model {pretrained} is missing; run '
+                                'promot demo --pretrain to make one.')
     finetune_dir = self.train('finetune', 'runs/demo/finetune.gin', pretrained)
     promot_dir = self.train('promot', 'runs/demo/promot.gin', pretrained)
     results = self.evaluate({
