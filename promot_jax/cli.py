@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  if argv is None:   # a real `promot` process (not a call from Python): huge pages first
+    from promot_jax import host_memory
+    host_memory.reexec_with_hugepages(sys.argv[1:])
   argv = list(sys.argv[1:] if argv is None else argv)
   gin_flags = [a for a in argv if a.startswith('--gin.')]
   args = build_parser().parse_args([a for a in argv if not a.startswith('--gin.')])

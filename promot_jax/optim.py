@@ -1,7 +1,8 @@
 """The optimizer of a stage, built only over its trainable subtree.
 
 Adafactor with factored second moments and t5x-like settings (decay 0.8, update clipping
-1.0, constant learning rate). In the joint stage the prompt and the weights train together;
+1.0, constant learning rate): optax's arithmetic and state, reductions written for speed
+(`promot_jax/adafactor.py`). In the joint stage the prompt and the weights train together;
 the prompt then gets Adafactor without parameter scaling, the weights with it.
 """
 
@@ -11,15 +12,15 @@ from typing import Any, Mapping
 
 import optax
 
-from promot_jax import tree_util
+from promot_jax import adafactor, tree_util
 from promot_jax.stages import Stage
 
 
 def _base(stage: Stage, scale_by_param: bool) -> optax.GradientTransformation:
   if stage.optimizer == 'adafactor':
-    return optax.adafactor(learning_rate=stage.learning_rate, decay_rate=stage.decay_rate,
-                           multiply_by_parameter_scale=scale_by_param, clipping_threshold=1.0,
-                           factored=True, min_dim_size_to_factor=128)
+    return adafactor.adafactor(learning_rate=stage.learning_rate, decay_rate=stage.decay_rate,
+                               multiply_by_parameter_scale=scale_by_param,
+                               clipping_threshold=1.0, min_dim_size_to_factor=128)
   if stage.optimizer == 'adam':
     return optax.adam(stage.learning_rate)
   return optax.sgd(stage.learning_rate)

@@ -37,7 +37,10 @@ def _environment() -> dict:
   import jax
   return {'machine': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
           'jax': jax.__version__, 'backend': jax.default_backend(),
-          'devices': [str(d) for d in jax.devices()], 'load_average_start': _load()}
+          'devices': [str(d) for d in jax.devices()], 'load_average_start': _load(),
+          # glibc.malloc.hugetlb=1 when `promot` set it (promot_jax/host_memory.py); it
+          # applies to the whole process, so to transformers' side of a ratio as well
+          'glibc_tunables': os.environ.get('GLIBC_TUNABLES')}
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
