@@ -49,7 +49,7 @@ def _forward(model: Transformer, stage: Stage, params: Any, batch: Batch,
                      rngs=rngs)
 
 
-def _dropout_key(rng: Array) -> Array:
+def dropout_key(rng: Array) -> Array:
   """A key for dropout masks from XLA's RngBitGenerator ('rbg'), derived from `rng`.
 
   Dropout draws a random number per activation. With jax's default threefry keys XLA:CPU
@@ -81,7 +81,7 @@ def make_train_step(cfg: T5Config, stage: Stage, optimizer: optax.GradientTransf
   use_dropout = stage.dropout_rate > 0
 
   def train_step(state: TrainState, frozen: Any, batch: Batch, rng: Array):
-    dropout_rng = _dropout_key(jax.random.fold_in(rng, state.step)) if use_dropout else None
+    dropout_rng = dropout_key(jax.random.fold_in(rng, state.step)) if use_dropout else None
 
     def loss_fn(trainable):
       logits = _forward(model, stage, merge_params(trainable, frozen), batch, dropout_rng)

@@ -32,7 +32,7 @@ def _phase_timers(bc: BenchConfig, name: str, params: dict, batch: dict) -> list
   model = Transformer(cfg.replace(dropout_rate=stage.dropout_rate))
   trainable, frozen = jax.device_put(split_params(params, stage))
   batch = jax.device_put(batch)
-  rng = jax.random.PRNGKey(0) if stage.dropout_rate > 0 else None
+  rng = train_step.dropout_key(jax.random.PRNGKey(0)) if stage.dropout_rate > 0 else None
 
   def loss(trainable, frozen, batch):
     logits = train_step._forward(model, stage, merge_params(trainable, frozen), batch, rng)
