@@ -142,3 +142,32 @@ def test_token_accuracy_counts_argmax_hits():
   targets = jnp.asarray([[1, 2]], jnp.int32)
   _, m = losses.cross_entropy_with_z_loss(logits, targets, jnp.ones((1, 2)), 0.0, 0.0)
   assert float(m['token_accuracy']) == 0.5 and float(m['sequence_accuracy']) == 0.0
+
+
+_RBG_SHARDING_SCRIPT = '''
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from promot_jax.train_step import dropout_key
+key = dropout_key(jax.random.fold_in(jax.random.PRNGKey(0), 7))
+mask = lambda x, k: jax.random.bernoulli(k, 0.9, x.shape)
+x = jnp.zeros((8, 64, 32))
+one = np.asarray(jax.jit(mask)(x, key))
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'model'))
+for spec in (P('data', None, None), P('data', None, 'model')):
+  sh = NamedSharding(mesh, spec)
+  many = jax.jit(mask, in_shardings=(sh, None), out_shardings=sh)(jax.device_put(x, sh), key)
+  assert (np.asarray(many) == one).all(), spec
+  assert 0.85 < one.mean() < 0.95
+print('same masks')
+'''
+
+
+def test_dropout_masks_do_not_depend_on_the_device_layout():
+  """'rbg' dropout keys give the same masks on 1 device and on a 4x2 data/model mesh."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  done = subprocess.run([sys.executable, '-c', _RBG_SHARDING_SCRIPT], capture_output=True,
+                        text=True, env=env, timeout=300)
+  assert done.returncode == 0 and 'same masks' in done.stdout, done.stderr[-2000:]
