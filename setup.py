@@ -1,6 +1,26 @@
 """promot_jax: ProMoT two-stage fine-tuning for mT5 in JAX/Flax."""
 
+import os
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# Shipped with the wheel as promot_jax/_data/: the gin configs and the demo's pretrained model.
+# In a checkout (or an editable install) promot_jax.resources finds them beside the package.
+DATA_DIRS = {'gin': 'gin', 'demo_pretrained': os.path.join('demo', 'pretrained')}
+
+
+class BuildWithData(build_py):
+  """build_py that also copies gin/ and demo/pretrained/ into the built package."""
+
+  def run(self):
+    super().run()
+    for name, src in DATA_DIRS.items():
+      dst = os.path.join(self.build_lib, 'promot_jax', '_data', name)
+      if os.path.isdir(dst):
+        shutil.rmtree(dst)
+      shutil.copytree(src, dst)
 
 JAX_VERSION = '0.10.2'
 
@@ -11,7 +31,10 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=find_packages(include=['promot_jax', 'promot_jax.*', 'tasks', 'tasks.*']),
+    # The example seqio tasks (tasks/ in the repository) install as `promot_tasks`.
+    packages=find_packages(include=['promot_jax', 'promot_jax.*']) + ['promot_tasks'],
+    package_dir={'promot_tasks': 'tasks'},
+    cmdclass={'build_py': BuildWithData},
     include_package_data=True,
     install_requires=[
         f'jax=={JAX_VERSION}',

@@ -10,11 +10,11 @@ The stable Python API (see README, "Python API"):
 
 __version__ = '0.1.0'
 
-from promot_jax.config import T5Config, config_from_hf, get_config
-from promot_jax.decoding import greedy_decode
-from promot_jax.loading import load_pretrained
-from promot_jax.model import abstract_params, compute_logits, init_params
-from promot_jax.prompt import initialize_prompt, load_prompt_npy, save_prompt_npy
+from promot_jax.checkpoints.loading import load_pretrained
+from promot_jax.model.config import T5Config, config_from_hf, get_config
+from promot_jax.model.decoding import greedy_decode
+from promot_jax.model.prompt import initialize_prompt, load_prompt_npy, save_prompt_npy
+from promot_jax.model.transformer import abstract_params, compute_logits, init_params
 
 
 def load_hf(path: str, config: 'T5Config | None' = None):

@@ -12,7 +12,7 @@
 
 RTE's TFDS test split has no labels and is left out. Metrics are attached in
 a later step; PAPER_METRIC records which one the paper reports.
-Importing this module also registers the in-context suite (tasks.icl), which
+Importing this module also registers the in-context suite (promot_tasks.icl), which
 every ProMoT run is evaluated on.
 """
 
@@ -20,8 +20,8 @@ from typing import Dict, Optional, Tuple
 
 import seqio
 
-from tasks import icl
-from tasks import templates
+from promot_jax.eval import registry
+from promot_tasks import icl, templates
 
 FEWSHOT_SEED = 20221102  # seed of the fixed "+1-shot" demonstration
 
@@ -51,6 +51,7 @@ LABEL_SETS: Dict[str, Tuple[str, ...]] = {
     'promot_snli': templates.SNLI_LABELS,
     'promot_openbookqa': templates.OPENBOOKQA_LABELS,
 }
+registry.register_tables(PAPER_METRIC, LABEL_SETS)  # how `promot eval` scores them
 
 
 def _nli_fields(ex: icl.Features) -> icl.Features:

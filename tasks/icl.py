@@ -20,7 +20,9 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 import seqio
 import tensorflow as tf
 
-from tasks import templates
+from promot_jax.data import pipeline
+from promot_jax.eval import registry
+from promot_tasks import templates
 
 Features = Dict[str, tf.Tensor]
 
@@ -173,8 +175,7 @@ def register(task: seqio.Task) -> None:
 
 
 def default_vocabulary() -> seqio.Vocabulary:
-  from promot_jax import data  # pylint: disable=g-import-not-at-top
-  return data.get_vocabulary()
+  return pipeline.get_vocabulary()
 
 
 # -------------------------------------------------------------- suite specs
@@ -263,6 +264,7 @@ def mixture_name(k: int) -> str:
 PAPER_METRIC = {task_name(t, k): _METRIC[t] for t in SUITE for k in SHOTS}
 LABEL_SETS = {task_name(t, k): suite_spec(t).labels
               for t in ('cb', 'wic') for k in SHOTS}
+registry.register_tables(PAPER_METRIC, LABEL_SETS)  # how `promot eval` scores them
 
 
 def make_task(task: str, k: int,

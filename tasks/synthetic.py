@@ -39,7 +39,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from tasks import templates
+from promot_jax.eval import registry
+from promot_tasks import templates
 
 SEED = 20240601
 ALPHABET = 'abcdefghij'
@@ -76,6 +77,7 @@ ICL_TASK_NAMES = [icl_task_name(t, k) for k in SHOTS for t in TASKS]
 CLASSIFY_TASK_NAMES = ['synth_sorted', 'synth_has_a']
 PAPER_METRIC = {name: 'accuracy' for name in ICL_TASK_NAMES + CLASSIFY_TASK_NAMES}
 LABEL_SETS = {name: LABELS for name in CLASSIFY_TASK_NAMES}
+registry.register_tables(PAPER_METRIC, LABEL_SETS)  # how `promot eval` scores them
 
 
 # ------------------------------------------------------------------------- text, in Python
@@ -110,7 +112,7 @@ def _held_out(kind: str) -> frozenset[str]:
   words = set()
   for split in ('validation', 'test'):
     if kind == 'queries':
-      words.update(_query_words(split, SIZES[split], 'queries'))
+      words.update(query_words(split, SIZES[split], 'queries'))
     else:
       task = kind.split('/', 1)[1]
       rng = _rng('classify', task, split)
@@ -118,7 +120,7 @@ def _held_out(kind: str) -> frozenset[str]:
   return frozenset(words)
 
 
-def _query_words(split: str, n: int, salt: str) -> list[str]:
+def query_words(split: str, n: int, salt: str) -> list[str]:
   rng = _rng(salt, split)
   held_out = _held_out('queries') if split == 'train' else frozenset()
   out = []
@@ -134,7 +136,7 @@ def pretrain_rows(split: str) -> list[tuple[str, str]]:
   rng = _rng('pretrain-demos', split)
   names = list(TASKS)
   rows = []
-  for word in _query_words(split, SIZES[split], 'pretrain'):
+  for word in query_words(split, SIZES[split], 'pretrain'):
     task = names[int(rng.integers(len(names)))]
     k = int(rng.integers(1, MAX_PRETRAIN_SHOTS + 1))
     rows.append(icl_example(task, _demo_words(rng, k, word), word))
@@ -153,7 +155,7 @@ def _demo_words(rng: np.random.Generator, k: int, query_word: str) -> list[str]:
 def icl_rows(task: str, shots: int, split: str) -> list[tuple[str, str]]:
   """One in-context task at k shots; the demonstrations of a query are seeded by it."""
   rows = []
-  for word in _query_words(split, SIZES[split], 'queries'):
+  for word in query_words(split, SIZES[split], 'queries'):
     rows.append(icl_example(task, _demo_words(_rng('demos', task, shots, word), shots, word), word))
   return rows
 

@@ -8,7 +8,7 @@ in the run file so the trainer imports it before reading data:
   MIXTURE_OR_TASK_NAME = 'my_task'
 
 For evaluation, add PAPER_METRIC / LABEL_SETS entries (see tasks/finetune.py) or set METRICS
-and LABEL_SETS in the eval gin file. Vocabulary: promot_jax.data.get_vocabulary() is mT5's
+and LABEL_SETS in the eval gin file. Vocabulary: promot_jax.data.pipeline.get_vocabulary() is mT5's
 sentencepiece model (PROMOT_VOCABULARY overrides it); 'byte' needs no file.
 """
 
@@ -17,11 +17,13 @@ from __future__ import annotations
 import seqio
 import tensorflow as tf
 
-from promot_jax.data import get_vocabulary
+from promot_jax.data.pipeline import get_vocabulary
+from promot_jax.eval import registry
 
 TASK_NAME = 'my_task'                    # rename
 PAPER_METRIC = {TASK_NAME: 'accuracy'}   # accuracy | exact_match | bleu | rouge2
 LABEL_SETS = {TASK_NAME: ('True', 'False')}
+registry.register_tables(PAPER_METRIC, LABEL_SETS)  # how `promot eval` scores them
 
 
 def load_split(split: str) -> tf.data.Dataset:
@@ -53,5 +55,5 @@ def register(name: str = TASK_NAME, vocabulary=None) -> None:
       metric_fns=[])
 
 
-if __name__ != 'tasks.template':  # the template itself registers nothing
+if __name__ != 'promot_tasks.template':  # the template itself registers nothing
   register()

@@ -1,7 +1,7 @@
 """Prompt templates for the ProMoT tasks, as plain Python string functions.
 
 Each input template is a `str.format` pattern with named fields. The same
-patterns are filled inside tf.data by `tasks.icl.tf_fill`, so the text built
+patterns are filled inside tf.data by `promot_tasks.icl.tf_fill`, so the text built
 here and the text the model sees cannot drift apart.
 
 Templates from the paper (PaLM's formats): RTE, the translation prefix, the QA
@@ -15,7 +15,14 @@ query ends with its input template, leaving the answer to the model.
 """
 
 import string
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
+
+# Joiners, markers and post-processing live in the library (promot_jax.eval.postprocess),
+# which scores the outputs; they are re-exported here for the task modules.
+from promot_jax.eval.postprocess import (ANSWER_SEPARATOR, DEMO_JOINER,  # noqa: F401
+                                         EXAMPLE_SEPARATOR, NEW_EXAMPLE_MARKERS, first_word,
+                                         postprocess_classification, postprocess_generation,
+                                         split_answers, truncate_at_new_example)
 
 # ----------------------------------------------------------------- templates
 
@@ -39,13 +46,6 @@ WIC_LABELS = ('No', 'Yes')                  # 0 False, 1 True
 # (chosen) OpenbookQA answers with the letter of the right choice.
 OPENBOOKQA_LABELS = ('A', 'B', 'C', 'D')    # answerKey 0..3
 
-# Joiners.
-DEMO_JOINER = ' '          # between a demonstration's input and its target
-EXAMPLE_SEPARATOR = '\n\n'  # between demonstrations and before the query
-ANSWER_SEPARATOR = '\t'    # joins the accepted answers of a QA example
-
-# Where a new example would start inside generated text.
-NEW_EXAMPLE_MARKERS = (EXAMPLE_SEPARATOR, 'Q:', 'Translate', 'Article:')
 
 
 def template_fields(template: str) -> List[str]:
@@ -118,53 +118,3 @@ def join_few_shot(demonstrations: Sequence[Tuple[str, str]], query: str) -> str:
   """k solved `(inputs, targets)` pairs then the query, blank-line separated."""
   parts = [demonstration(i, t) for i, t in demonstrations] + [query]
   return EXAMPLE_SEPARATOR.join(parts)
-
-
-# ---------------------------------------------------------- post-processing
-
-def _as_text(text: Any) -> str:
-  return text.decode('utf-8') if isinstance(text, bytes) else str(text)
-
-
-def truncate_at_new_example(text: str) -> str:
-  """Keeps generated text up to where a new example would begin.
-
-  The output of an encoder-decoder is only the continuation, so any marker in
-  it (blank line, `Q:`, `Translate`, `Article:`) starts a new example.
-  """
-  text = _as_text(text)
-  cut = len(text)
-  for marker in NEW_EXAMPLE_MARKERS:
-    at = text.find(marker)
-    if at >= 0:
-      cut = min(cut, at)
-  return text[:cut].strip()
-
-
-def first_word(text: str) -> str:
-  """First whitespace-separated word with surrounding punctuation removed."""
-  words = _as_text(text).split()
-  return words[0].strip(string.punctuation) if words else ''
-
-
-def split_answers(answers: Any) -> List[str]:
-  """Inverse of the ANSWER_SEPARATOR join used for QA examples."""
-  text = _as_text(answers)
-  return [a for a in text.split(ANSWER_SEPARATOR) if a] if text else []
-
-
-def postprocess_generation(output: Any, example: Optional[Dict[str, Any]] = None,
-                           is_target: bool = False) -> str:
-  """seqio postprocess_fn for free-text tasks (targets are left alone)."""
-  del example
-  return _as_text(output) if is_target else truncate_at_new_example(output)
-
-
-def postprocess_classification(output: Any,
-                               example: Optional[Dict[str, Any]] = None,
-                               is_target: bool = False) -> str:
-  """seqio postprocess_fn for classification: the first word of the answer."""
-  del example
-  if is_target:
-    return _as_text(output)
-  return first_word(truncate_at_new_example(output))

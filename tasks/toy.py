@@ -8,10 +8,10 @@ They double as the shortest template for composing a seqio task:
   3. seqio.preprocessors.tokenize, then seqio.preprocessors.append_eos_after_trim (EOS is
      added after seqio trims to the feature lengths, so a truncated sequence still ends in it);
   4. output features naming the vocabulary (the byte vocabulary here; real tasks use
-     promot_jax.data.get_vocabulary()) with add_eos=True.
+     promot_jax.data.pipeline.get_vocabulary()) with add_eos=True.
 
 Tasks register when the module is imported (twice is harmless): a run file lists it in
-TASK_MODULES, Python code does `import tasks.toy`.
+TASK_MODULES, Python code does `import promot_tasks.toy`.
 
   toy_sorted   '3 9 1 4 Is it sorted? answer:' -> 'True' / 'False'  (the RTE analogue)
   toy_reverse  'reverse: 3 9 1 4' -> '4 1 9 3'

@@ -9,8 +9,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from promot_jax import config, model  # noqa: E402
 from promot_jax.checkpoints import orbax_io  # noqa: E402
+from promot_jax.model import config, transformer as model  # noqa: E402
 
 
 @pytest.fixture(scope='session')

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from promot_jax import adafactor
+
+from promot_jax.train import adafactor
 
 
 def _tree(rng):

@@ -16,8 +16,8 @@ import re
 import pytest
 
 from promot_jax import cli, tree_util
-from promot_jax.bench import common, jax_bench
-from promot_jax.bench.common import BenchConfig, CompileCounter, synthetic_batch
+from promot_jax.tools.bench import common, jax_bench
+from promot_jax.tools.bench.common import BenchConfig, CompileCounter, synthetic_batch
 
 # Shapes chosen so that no activation has the shape of a weight: tokens (3 * 11 encoder
 # positions with the prompt, 3 * 5 decoder positions) never equal 32, 64 or 512.

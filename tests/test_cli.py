@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from promot_jax import cli, model, tree_util
+from promot_jax import cli, tree_util
 from promot_jax.checkpoints import orbax_io, t5x
+from promot_jax.model import transformer as model
 
 
 def run_cli(*args):
@@ -61,7 +62,7 @@ def test_info_reports_tree_count_and_prompt(t5x_dir, tmp_path, capsys):
   assert info['tree']['encoder/layers_0/attention/query/kernel'][0] == [32, 32]
   # a promot checkpoint with a prompt
   with_prompt = dict(params, prompt={'prompt': np.ones((5, 32), np.float32)})
-  from promot_jax import config
+  from promot_jax.model import config
   orbax_io.save_params(str(tmp_path / 'p'), with_prompt, config.get_config('mt5_tiny',
                                                                           prompt_length=5))
   assert run_cli('info', tmp_path / 'p') == 0
@@ -89,7 +90,7 @@ def test_bad_inputs_are_clear_errors(t5x_dir, tmp_path, capsys):
 
 def test_smoke_command_runs_tiny_model(tmp_path):
   out = tmp_path / 'smoke.json'
-  proc = subprocess.run([sys.executable, '-m', 'promot_jax.cli', 'smoke', '--model', 'mt5_tiny',
+  proc = subprocess.run([sys.executable, '-m', 'promot_jax.cli.app', 'smoke', '--model', 'mt5_tiny',
                          '--prompt_length', '4', '--input_length', '16', '--json', str(out)],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr

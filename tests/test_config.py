@@ -4,9 +4,12 @@ import json
 
 import pytest
 
-from promot_jax import config, gin_utils, loading, model, tree_util
-
+from promot_jax import tree_util
+from promot_jax.checkpoints import loading
 # Published parameter counts (mT5 paper; T5 v1.1 release), in millions, with the tolerance
+from promot_jax.ginconf import parse as gin_utils
+from promot_jax.model import config, transformer as model
+
 # of how they are quoted (~300M, ~580M, ~1.2B, ~3.7B, ~13B).
 PUBLISHED_M = {
     'mt5_small': (300, 0.02), 'mt5_base': (580, 0.02), 'mt5_large': (1200, 0.05),

@@ -1,4 +1,4 @@
-"""promot_jax.data on the offline toy tasks: shapes, determinism, exact resume, sharding."""
+"""promot_jax.data.pipeline on the offline toy tasks: shapes, determinism, exact resume, sharding."""
 
 import json
 import re
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import seqio
 
-import tasks.toy as toy
-from promot_jax import data
+import promot_tasks.toy as toy
+from promot_jax.data import pipeline as data
 
 LENGTHS = {'inputs': 32, 'targets': 8}
 KEYS = {'encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
@@ -92,7 +92,7 @@ def test_shards_split_the_examples():
 
 
 def test_unknown_task_names_close_matches():
-  with pytest.raises(ValueError, match=r"toy_sortd.*toy_sorted.*import tasks\.toy"):
+  with pytest.raises(ValueError, match=r"toy_sortd.*toy_sorted.*import promot_tasks\.toy"):
     _iterator('toy_sortd')
 
 

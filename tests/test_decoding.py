@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from promot_jax import config, decoding, model
+from promot_jax.model import config, decoding, transformer as model
 
 CFG = config.get_config('mt5_tiny', prompt_length=4, dropout_rate=0.0)
 BATCH, LENGTH, STEPS = 4, 40, 12
@@ -142,12 +142,12 @@ def test_cached_beam_search_equals_an_uncached_reference(params, enc):
 def test_repeated_calls_do_not_recompile(params, enc):
   decoding.beam_search(CFG, params, enc, STEPS, beam_size=4, with_prompt=True, eos_id=-1)
   decoding.greedy_decode(CFG, params, enc, STEPS, with_prompt=True, eos_id=-1)
-  before = (decoding._beam_search._cache_size(), decoding._greedy_decode._cache_size())
+  before = (decoding.beam_search_jitted._cache_size(), decoding.greedy_decode_jitted._cache_size())
   # Other values, and arguments passed another way, reuse the compiled programs.
   decoding.beam_search(CFG, params, enc + 1, STEPS, 4, 0.3, True, 5)
   decoding.greedy_decode(CFG, params, enc + 1, STEPS, True)
   decoding.greedy_decode(CFG, params, enc, max_decode_length=STEPS, eos_id=3, with_prompt=True)
-  assert (decoding._beam_search._cache_size(), decoding._greedy_decode._cache_size()) == before
+  assert (decoding.beam_search_jitted._cache_size(), decoding.greedy_decode_jitted._cache_size()) == before
 
 
 def test_score_candidates_equal_compute_logits_and_rank(params, enc):

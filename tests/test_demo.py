@@ -6,8 +6,10 @@ import os
 
 import pytest
 
-from promot_jax import cli, demo, evaluation, gin_utils
+from promot_jax import cli
 from promot_jax.checkpoints import orbax_io
+from promot_jax.ginconf import parse as gin_utils
+from promot_jax.tools import demo
 
 pytestmark = pytest.mark.filterwarnings('ignore')
 

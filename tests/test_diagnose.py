@@ -10,10 +10,11 @@ import json
 
 import numpy as np
 import pytest
+from toy_inputs import host_params, stage_dir as make_stage_dir, toy_batch
 
-from promot_jax import cli, config, diagnose
-from toy_inputs import host_params, toy_batch
-from toy_inputs import stage_dir as make_stage_dir
+from promot_jax import cli
+from promot_jax.model import config
+from promot_jax.tools import diagnose
 
 CFG = config.get_config('mt5_tiny', prompt_length=4, dropout_rate=0.0)
 

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import seqio
 
-import tasks.toy  # noqa: F401  pylint: disable=unused-import  (registers the toy tasks)
-from promot_jax import cli, config, decoding, evaluation, model
-from promot_jax.checkpoints import orbax_io
+import promot_tasks.toy  # noqa: F401  pylint: disable=unused-import  (registers the toy tasks)
+from promot_jax import cli
+from promot_jax.checkpoints import orbax_io, resolve
+from promot_jax.eval import suite, task as eval_task
+from promot_jax.ginconf import loaders
+from promot_jax.model import config, decoding, transformer as model
 
 CFG = config.get_config('mt5_tiny', prompt_length=4)
 TOY = 'eval/toy.gin'
@@ -54,7 +57,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def toy_config(tmp_path_factory):
-  ecfg = evaluation.load_eval_config([TOY], [])
+  ecfg = loaders.load_eval_config([TOY], [])
   return dataclasses.replace(ecfg, out_dir=str(tmp_path_factory.mktemp('eval')))
 
 
@@ -68,14 +71,14 @@ def test_prompt_only_for_the_finetuned_task(checkpoints, toy_config, monkeypatch
     return real(cfg, params, enc, *args, with_prompt=with_prompt, **kwargs)
 
   monkeypatch.setattr(decoding, 'greedy_decode', recording)
-  results = evaluation.evaluate_suite(toy_config, [checkpoints[0]])['promot_ckpt']
+  results = suite.evaluate_suite(toy_config, [checkpoints[0]])['promot_ckpt']
   assert set(calls) == {('toy_sorted', True), ('toy_reverse', False)}
   entries = results['tasks']
   assert entries['toy_sorted']['with_prompt'] and not entries['toy_reverse']['with_prompt']
   # The saved outputs are those of the model WITH the prompt for toy_sorted: decode the first
   # batch both ways directly; the prompt makes a visible difference.
   examples = entries['toy_sorted']['examples']
-  cfg, params = evaluation.load_checkpoint(checkpoints[0])
+  cfg, params = resolve.load_checkpoint(checkpoints[0])
   decoded = {p: [BYTES.decode(r.tolist()) for r in np.asarray(
       real(cfg, params, encoder_batch(examples), 12, with_prompt=p))] for p in (True, False)}
   assert decoded[True] != decoded[False]
@@ -84,7 +87,7 @@ def test_prompt_only_for_the_finetuned_task(checkpoints, toy_config, monkeypatch
 
 def test_checkpoint_without_prompt_is_a_clear_error(checkpoints, toy_config, capsys):
   with pytest.raises(ValueError, match='finetune_ckpt has no prompt'):
-    evaluation.evaluate_suite(toy_config, [checkpoints[1]])
+    suite.evaluate_suite(toy_config, [checkpoints[1]])
   code = cli.main(['eval', '--gin_file', TOY, '--checkpoint', checkpoints[1],
                    f"--gin.OUT_DIR='{toy_config.out_dir}'"])
   err = capsys.readouterr().err
@@ -139,19 +142,19 @@ def test_stage_dir_means_its_kept_checkpoint(checkpoints, tmp_path):
   os.makedirs(stage)
   os.symlink(checkpoints[0], stage / 'checkpoint_30')
   (stage / 'kept.json').write_text(json.dumps({'step': 30, 'path': '/moved/away/checkpoint_30'}))
-  resolved = evaluation.resolve_checkpoint(str(stage))
+  resolved = resolve.resolve_checkpoint(str(stage))
   assert resolved == str(stage / 'checkpoint_30')
-  assert evaluation.checkpoint_name(resolved) == 'model_tuning_checkpoint_30'
+  assert resolve.checkpoint_name(resolved) == 'model_tuning_checkpoint_30'
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    evaluation.resolve_checkpoint(str(tmp_path / 'nope'))
+    resolve.resolve_checkpoint(str(tmp_path / 'nope'))
 
 
 def test_rank_classification_and_validation_metrics(checkpoints, toy_config):
   ecfg = dataclasses.replace(toy_config, classification_mode='rank', icl_tasks=())
-  plan, = evaluation.plan_tasks(ecfg)
+  plan, = suite.plan_tasks(ecfg)
   assert (plan.mode, plan.labels, plan.with_prompt) == ('rank', ('False', 'True'), True)
-  cfg, params = evaluation.load_checkpoint(checkpoints[0])
-  entry = evaluation.evaluate_task(cfg, params, plan, batch_size=4, max_examples=4,
+  cfg, params = resolve.load_checkpoint(checkpoints[0])
+  entry = eval_task.evaluate_task(cfg, params, plan, batch_size=4, max_examples=4,
                                    task_feature_lengths={'inputs': 40, 'targets': 12},
                                    log=lambda m: None)
   assert entry['mode'] == 'rank' and entry['format_rate'] is None
@@ -164,7 +167,7 @@ def test_rank_classification_and_validation_metrics(checkpoints, toy_config):
                                               cands, with_prompt=True)).argmax(-1)
   assert [ex['prediction'] for ex in entry['examples'][:4]] == [('False', 'True')[i] for i in best]
   # The trainer's hook: decode-based accuracy of a stage's task.
-  val = evaluation.validation_metrics(cfg, params, 'toy_sorted', 'validation',
+  val = eval_task.validation_metrics(cfg, params, 'toy_sorted', 'validation',
                                       task_feature_lengths={'inputs': 40, 'targets': 12},
                                       batch_size=4, max_examples=8, with_prompt=True,
                                       decoding_method='beam', metric='accuracy',

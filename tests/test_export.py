@@ -19,10 +19,14 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
 
-from promot_jax import cli, config, export, model, tree_util  # noqa: E402
-from promot_jax.checkpoints import hf, orbax_io  # noqa: E402
 from toy_inputs import host_params  # noqa: E402
 from toy_inputs import stage_dir as make_stage_dir  # noqa: E402
+
+from promot_jax import tree_util
+from promot_jax.checkpoints import hf, orbax_io  # noqa: E402
+from promot_jax.cli import app as cli  # noqa: E402
+from promot_jax.model import config, transformer as model
+from promot_jax.tools import export
 
 CFG = config.get_config('mt5_tiny', prompt_length=5, dropout_rate=0.0)
 TOLERANCE = 1e-4

@@ -20,11 +20,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from promot_jax import cli, tree_util
-from promot_jax.checkpoints import manager as manager_lib
-from promot_jax.checkpoints import orbax_io
+from promot_jax.checkpoints import manager as manager_lib, orbax_io
 from promot_jax.checkpoints.manager import (CheckpointError, CheckpointSaveError,
                                             CorruptCheckpointError, StageCheckpoints)
-from promot_jax.config import get_config
+from promot_jax.model.config import get_config
 
 RUN = 'runs/promot_tiny_cpu.gin'
 # orbax's background event loop complains on shutdown after a failed save/restore; harmless.
@@ -80,7 +79,7 @@ def _fail_orbax_save(monkeypatch, on_call: int, error: Exception) -> None:
 
 
 def _fail_state_json(monkeypatch) -> None:
-  real = manager_lib._write_json
+  real = manager_lib.write_json
 
   def write(path, value):
     if path.endswith(os.path.join('.tmp', 'state.json')):
@@ -88,7 +87,7 @@ def _fail_state_json(monkeypatch) -> None:
         f.write('{"step": ')
       raise ENOSPC
     return real(path, value)
-  monkeypatch.setattr(manager_lib, '_write_json', write)
+  monkeypatch.setattr(manager_lib, 'write_json', write)
 
 
 def _fail_rename(monkeypatch) -> None:

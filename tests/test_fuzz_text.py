@@ -1,4 +1,4 @@
-"""Fuzzing task text through tokenisation, truncation and batching (promot_jax.data's path).
+"""Fuzzing task text through tokenisation, truncation and batching (promot_jax.data.pipeline's path).
 
 Arbitrary unicode (emoji, NUL, combining marks, 20k-character strings, empty strings) goes
 through a tiny seqio task (FunctionDataSource -> tokenize -> append_eos_after_trim) and
@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from promot_jax import data
+from promot_jax.data import pipeline as data
 
 LENGTHS = {'inputs': 24, 'targets': 8}
 BATCH = 2

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from promot_jax import cli, gin_check, gin_utils
+from promot_jax import cli
+from promot_jax.ginconf import check as gin_check, loaders, parse as gin_utils
 
 RUN = 'runs/promot_tiny_cpu.gin'
 
@@ -85,7 +86,7 @@ def test_macros_that_something_reads_are_accepted(tmp_path):
   gin_file = write(tmp_path, 'ok.gin', f"include '{RUN}'\ninclude 'stages/finetune.gin'\n"
                    "STEPS_EVERYWHERE = 7\nPROMPT_TUNING_STEPS = %STEPS_EVERYWHERE\n"
                    "MY_SEED = 3\n")
-  run = cli.load_run([gin_file], ["--gin.MODEL_DIR='/unused'", '--gin.SEED=%MY_SEED'])
+  run = loaders.load_run([gin_file], ["--gin.MODEL_DIR='/unused'", '--gin.SEED=%MY_SEED'])
   assert run.stages[0].train_steps == 7 and run.seed == 3
   assert [s.name for s in run.stages] == ['prompt_tuning', 'model_tuning']
 
@@ -125,7 +126,7 @@ def test_a_bad_include_suggests_the_closest_gin_file(tmp_path, model_dirs, capsy
 
 def test_a_syntax_error_inside_an_included_file_names_that_file(tmp_path, model_dirs, capsys):
   inner = write(tmp_path, 'inner.gin', "# a comment (with a bracket) and a 'string [' are fine\n"
-                "LOG_EVERY = 5\nTASK_MODULES = ['tasks.toy'\n")
+                "LOG_EVERY = 5\nTASK_MODULES = ['promot_tasks.toy'\n")
   outer = write(tmp_path, 'outer.gin', f"include '{RUN}'\ninclude '{inner}'\n")
   err = fails_cleanly('train', outer, model_dirs, capsys)
   assert f"{inner} line 3: '[' is never closed" in err
@@ -134,3 +135,25 @@ def test_a_syntax_error_inside_an_included_file_names_that_file(tmp_path, model_
 def test_an_unclosed_bracket_in_a_flag(model_dirs, capsys):
   err = fails_cleanly('run', RUN, model_dirs, capsys, '--gin.PROMPT_INIT_CLASS_LABELS=[1, 2')
   assert "--gin.PROMPT_INIT_CLASS_LABELS=[1, 2: '[' is never closed" in err
+
+
+def test_user_gin_files_outside_the_package_via_gin_search_paths(tmp_path, monkeypatch, capsys):
+  """A run file of one's own, found through --gin_search_paths, includes the shipped ones."""
+  mine = tmp_path / 'my_configs'
+  mine.mkdir()
+  (mine / 'my_run.gin').write_text("include 'runs/promot_tiny_cpu.gin'\nBATCH_SIZE = 7\n")
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  run = loaders.load_run(['my_run.gin'], ["--gin.MODEL_DIR='/unused'"], [str(mine)])
+  assert run.batch_size == 7 and run.mixture_or_task_name == 'toy_sorted'
+  with pytest.raises(FileNotFoundError, match='my_run.gin'):
+    loaders.load_run(['my_run.gin'], ["--gin.MODEL_DIR='/unused'"])
+  # The command line spelling, --gin_search_paths=DIR[,DIR]: the file is found, parsed and
+  # read up to the run's first check (the task module), which fails before MODEL_DIR is made.
+  (mine / 'bad.gin').write_text("include 'my_run.gin'\nTASK_MODULES = ['no_such_module']\n")
+  code = cli.main(['run', '--gin_file=bad.gin', f'--gin_search_paths={mine},{tmp_path}',
+                   f"--gin.MODEL_DIR='{tmp_path / 'run'}'"])
+  err = capsys.readouterr().err
+  assert code == 2 and "Cannot import task module 'no_such_module'" in err, err
+  assert not (tmp_path / 'run').exists()

@@ -20,9 +20,10 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 safetensors_numpy = pytest.importorskip('safetensors.numpy')
 
-from promot_jax import decoding, model, tree_util  # noqa: E402
+from promot_jax import tree_util
 from promot_jax.checkpoints import hf  # noqa: E402
-from promot_jax.config import get_config  # noqa: E402
+from promot_jax.model import decoding, transformer as model  # noqa: E402
+from promot_jax.model.config import get_config  # noqa: E402
 
 TINY = dict(vocab_size=512, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2)
 SMALL = dict(vocab_size=250112, d_model=512, d_kv=64, num_heads=6, d_ff=1024, num_layers=8)

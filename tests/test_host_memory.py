@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from promot_jax import host_memory
 
 GLIBC, MADVISE, LINUX = ('glibc', '2.36'), 'madvise', 'Linux'
@@ -36,12 +37,12 @@ def test_leaves_the_process_alone(environ, libc, thp, system):
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   path = tmp_path / 'enabled'
   path.write_text('always [madvise] never\n')
-  assert host_memory._thp_mode(str(path)) == 'madvise'
-  assert host_memory._thp_mode(str(tmp_path / 'missing')) is None
+  assert host_memory.thp_mode(str(path)) == 'madvise'
+  assert host_memory.thp_mode(str(tmp_path / 'missing')) is None
 
 
 @pytest.mark.skipif(host_memory.hugepage_environment(
-    os.environ, host_memory.platform.libc_ver(), host_memory._thp_mode(),
+    os.environ, host_memory.platform.libc_ver(), host_memory.thp_mode(),
     host_memory.platform.system()) is None, reason='this host would not re-execute')
 def test_the_promot_command_runs_under_the_tunable(tmp_path):
   """A real `promot` process re-executes itself; `promot bench` records what it ran under."""

@@ -109,7 +109,7 @@ def test_bad_input_fails_before_any_gcloud_call(argv, message, capsys, no_gcloud
 
 
 def test_accelerator_table_matches_the_planner():
-  from promot_jax import plan
+  from promot_jax.tools import plan
   for gen, launch_gen in (('v4', 'v4'), ('v5e', 'v5litepod'), ('v5p', 'v5p'), ('v6e', 'v6e')):
     assert plan.known_sizes(gen) == list(tpu.ACCELERATOR_SIZES[launch_gen]), gen
 

@@ -16,9 +16,11 @@ import seqio
 
 pytest.importorskip('lm_eval')
 
-from promot_jax import cli, config, model  # noqa: E402
-from promot_jax.checkpoints import orbax_io  # noqa: E402
 from toy_inputs import host_params  # noqa: E402
+
+from promot_jax.checkpoints import orbax_io  # noqa: E402
+from promot_jax.cli import app as cli  # noqa: E402
+from promot_jax.model import config, transformer as model
 
 CFG = config.get_config('mt5_tiny', prompt_length=4, dropout_rate=0.0)
 BYTES = seqio.ByteVocabulary()
@@ -95,7 +97,7 @@ def results(setup, offline):
   import lm_eval
   from lm_eval.tasks import TaskManager
 
-  import promot_jax.lm_eval_adapter  # noqa: F401  (registers 'promot')
+  import promot_jax.eval.lm_eval_adapter  # noqa: F401  (registers 'promot')
   ckpt, tasks, _ = setup
   manager = TaskManager(include_path=tasks, include_defaults=False)  # skip indexing lm-eval's own
   return {on: lm_eval.simple_evaluate(
@@ -154,7 +156,7 @@ def test_loglikelihoods_are_the_models_and_the_prompt_changes_them(results, setu
 
 
 def test_rolling_loglikelihood_is_refused_clearly(setup):
-  from promot_jax.lm_eval_adapter import PromotLM
+  from promot_jax.eval.lm_eval_adapter import PromotLM
   lm = PromotLM(checkpoint=setup[0], vocabulary='byte')
   with pytest.raises(NotImplementedError, match='encoder-decoder'):
     lm.loglikelihood_rolling([])
@@ -163,7 +165,7 @@ def test_rolling_loglikelihood_is_refused_clearly(setup):
 
 
 def test_prompt_requested_on_a_checkpoint_without_one(setup, tmp_path):
-  from promot_jax.lm_eval_adapter import PromotLM
+  from promot_jax.eval.lm_eval_adapter import PromotLM
   bare = {k: v for k, v in setup[2].items() if k != 'prompt'}
   ckpt = orbax_io.save_params(str(tmp_path / 'bare'), bare, CFG.replace(prompt_length=0))
   with pytest.raises(ValueError, match='holds no prompt'):

@@ -4,7 +4,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from promot_jax import metrics
+from promot_jax.eval import metrics
 
 REFS = ['the cat sat on the mat', 'il fait beau aujourd\'hui', 'a quick brown fox jumps']
 HYPS = ['the cat sat on a mat', 'il fait beau', 'the quick brown fox jumped over']

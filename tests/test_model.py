@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from promot_jax import decoding, layers, model, tree_util
-from promot_jax.model import Transformer
+from promot_jax import tree_util
+from promot_jax.model import decoding, layers, transformer as model
+from promot_jax.model.transformer import Transformer
 
 ENC = np.array([[5, 6, 7, 8, 1, 0, 0, 0], [9, 10, 11, 12, 13, 14, 15, 1]], np.int32)
 DEC_IN = np.array([[0, 20, 21, 22], [0, 30, 31, 32]], np.int32)

@@ -17,10 +17,12 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from promot_jax import config, partitioning, stages, tree_util
-from promot_jax.trainer import build_sharded_step, init_state_on_mesh
 from toy_inputs import host_params, toy_batch
+
+from promot_jax import mesh as partitioning, tree_util
+from promot_jax.model import config
+from promot_jax.train import stages
+from promot_jax.train.sharding import build_sharded_step, init_state_on_mesh
 
 CFG = config.get_config('mt5_tiny', prompt_length=4, emb_dim=128, num_encoder_layers=1,
                         num_decoder_layers=1, dropout_rate=0.0)

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from promot_jax import cli, model
+from promot_jax import cli
 from promot_jax.checkpoints import orbax_io
-from promot_jax.config import get_config
+from promot_jax.model import transformer as model
+from promot_jax.model.config import get_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -15,10 +15,12 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
-
-from promot_jax import config, partitioning, stages, tree_util
-from promot_jax.trainer import build_sharded_step, init_state_on_mesh
 from toy_inputs import host_params, toy_batch
+
+from promot_jax import mesh as partitioning, tree_util
+from promot_jax.model import config
+from promot_jax.train import sharding, stages
+from promot_jax.train.sharding import build_sharded_step, init_state_on_mesh
 
 # mt5_tiny with one layer each side (XLA:CPU compile time grows with layers), and emb_dim 128 so
 # that Adafactor factors the [512, 128] embedding and logits moments (dims >= 128): the sharded
@@ -225,12 +227,11 @@ def test_square_factored_moments_follow_their_own_axis():
   out by the axis it keeps (optax: v_row drops the last of two equal axes, v_col the first)."""
   import jax.numpy as jnp
   import optax
-  from promot_jax import trainer
   mesh = partitioning.make_mesh(1)
   rules = partitioning.standard_logical_axis_rules()
   trainable = {'w': jax.ShapeDtypeStruct((256, 256), jnp.float32)}
   specs = {'w': jax.sharding.PartitionSpec('embed', 'mlp')}
   opt_state = jax.eval_shape(optax.adafactor(0.1).init, trainable)
-  factored = trainer._opt_state_shardings(opt_state, trainable, specs, mesh, rules)[0]
+  factored = sharding.opt_state_shardings(opt_state, trainable, specs, mesh, rules)[0]
   assert tuple(factored.v_row['w'].spec) == (None,)
   assert tuple(factored.v_col['w'].spec) == ('model',)

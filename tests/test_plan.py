@@ -9,7 +9,10 @@ import types
 
 import pytest
 
-from promot_jax import cli, config, plan
+from promot_jax import cli
+from promot_jax.ginconf import loaders
+from promot_jax.model import config
+from promot_jax.tools import plan
 
 TINY = 'runs/promot_tiny_cpu.gin'
 
@@ -114,19 +117,19 @@ def stats(**kw):
 def test_out_of_memory_compile_is_a_row_not_a_traceback():
   err = RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for '
                      'HLO temporaries (48.12G) exceeds available HBM (30.75G).\nmore detail')
-  row, compiled = plan._compile_row(lambda: FakeLowered(err), 32 * 2 ** 30)
+  row, compiled = plan.compile_row(lambda: FakeLowered(err), 32 * 2 ** 30)
   assert compiled is None and row['fits'] is False
   assert '(48.12G) exceeds available HBM (30.75G)' in row['oom'] and '\n' not in row['oom']
   with pytest.raises(ValueError, match='shape mismatch'):   # anything else still raises
-    plan._compile_row(lambda: FakeLowered(ValueError('shape mismatch')), None)
+    plan.compile_row(lambda: FakeLowered(ValueError('shape mismatch')), None)
 
 
 def test_peak_memory_against_the_budget():
   s = stats(argument_size_in_bytes=10, output_size_in_bytes=8, alias_size_in_bytes=6,
             temp_size_in_bytes=20)
-  row, _ = plan._compile_row(lambda: FakeLowered(stats=s), hbm_bytes=32)
+  row, _ = plan.compile_row(lambda: FakeLowered(stats=s), hbm_bytes=32)
   assert row['peak_bytes'] == 32 and row['fits'] is True and row['flops_per_device'] == 1e12
-  row, _ = plan._compile_row(lambda: FakeLowered(stats=s), hbm_bytes=31)
+  row, _ = plan.compile_row(lambda: FakeLowered(stats=s), hbm_bytes=31)
   assert row['fits'] is False
   text = plan.format_table([dict(row, stage='model_tuning', step='train', mesh={'data': 4, 'model': 8},
                                  batch=64)])
@@ -199,7 +202,7 @@ def test_without_libtpu_a_tpu_topology_says_how_to_install(monkeypatch, capsys):
 
 
 def _run(gin, *flags):
-  return cli.load_run([gin], ["MODEL_DIR='/tmp/unused'", *flags])
+  return loaders.load_run([gin], ["MODEL_DIR='/tmp/unused'", *flags])
 
 
 @needs_libtpu
@@ -241,7 +244,8 @@ def scan_setup(tiny_prompt_config, tiny_params):
 
 def test_scanned_layers_give_the_same_logits_from_the_same_t5x_params(scan_setup):
   import numpy as np
-  from promot_jax import model
+
+  from promot_jax.model import transformer as model
   cfg, params, enc, dec = scan_setup
   ref = model.compute_logits(cfg, params, enc, dec, dec, with_prompt=True)
   scanned = cfg.replace(scan_layers=True, remat_policy='full')  # remat 'none': next test
@@ -256,7 +260,9 @@ def test_stacked_tree_round_trips_and_matches_the_scanned_network(scan_setup):
   import jax
   import numpy as np
   from jax.sharding import PartitionSpec
-  from promot_jax import model, tree_util
+
+  from promot_jax import tree_util
+  from promot_jax.model import transformer as model
   cfg, params, _, _ = scan_setup
   stacked = tree_util.flatten(model.stack_layers(params, cfg))
   assert stacked['encoder/layers/attention/query/kernel'].shape == (2, 32, 32)
@@ -281,7 +287,9 @@ def test_stacked_tree_round_trips_and_matches_the_scanned_network(scan_setup):
 def test_scanned_decoding_and_gradients_match(scan_setup):
   import jax
   import numpy as np
-  from promot_jax import decoding, model, tree_util
+
+  from promot_jax import tree_util
+  from promot_jax.model import decoding, transformer as model
   cfg, params, enc, dec = scan_setup
   scanned, stacked = cfg.replace(scan_layers=True), model.stack_layers(params, cfg)
   np.testing.assert_array_equal(decoding.greedy_decode(cfg, params, enc, 3, with_prompt=True),

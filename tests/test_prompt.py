@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from promot_jax import model, prompt
+from promot_jax.model import prompt, transformer as model
 
 
 @pytest.fixture(scope='module')

@@ -6,8 +6,9 @@ import os
 import matplotlib.image
 import pytest
 
-from promot_jax import cli, report
+from promot_jax import cli
 from promot_jax.checkpoints.manager import HISTORY_FILE, read_history
+from promot_jax.tools import report
 
 
 def _entry(metric, score, shots, rate=None, role='in_context', with_prompt=False):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import seqio
 
-import tasks.synthetic as synth
+import promot_tasks.synthetic as synth
 
 
 def test_each_task_maps_a_word_to_its_own_format():
@@ -45,8 +45,8 @@ def test_four_shot_inputs_fit_the_demo_lengths_with_eos():
 def test_held_out_words_never_appear_in_the_training_splits():
   last = lambda inputs: inputs.rsplit('\n', 1)[-1].split()[0]  # noqa: E731 -- the query word
   n = synth.SIZES['train']   # the query words of the train splits (the demos vary per query)
-  train_queries = set(synth._query_words('train', n, 'pretrain'))  # noqa: SLF001
-  train_queries |= set(synth._query_words('train', n, 'queries'))  # noqa: SLF001
+  train_queries = set(synth.query_words('train', n, 'pretrain'))  # noqa: SLF001
+  train_queries |= set(synth.query_words('train', n, 'queries'))  # noqa: SLF001
   for split in ('validation', 'test'):
     held_out = {last(i) for i, _ in synth.icl_rows('sort', 1, split)}
     assert held_out and not held_out & train_queries

@@ -109,7 +109,7 @@ def test_gcs_written_checkpoint_copied_locally(written, tmp_path):
   local = tmp_path / 'checkpoint_1000'
   shutil.copytree(ckpt, local)
   contents = serialization.msgpack_restore((local / 'checkpoint').read_bytes())
-  specs = list(t5x._flatten(contents['optimizer']['target']).values())
+  specs = list(t5x.flatten_target(contents['optimizer']['target']).values())
   for i, spec in enumerate(specs):
     rel = spec['kvstore'].pop('path')
     spec['kvstore'] = {'driver': 'gcs', 'bucket': 't5x-dummy-bucket'}

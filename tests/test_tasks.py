@@ -1,7 +1,7 @@
 """Tasks and templates on mocked TFDS data (offline, byte vocabulary).
 
 Expected texts are written out by hand here from the raw mocked examples, not
-with tasks.templates, so that a template change shows up as a failure.
+with promot_tasks.templates, so that a template change shows up as a failure.
 """
 
 import contextlib
@@ -14,7 +14,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
-from tasks import templates
+from promot_jax.eval import registry
+from promot_tasks import templates
 
 NUM_EXAMPLES = 8
 BYTES = seqio.ByteVocabulary()
@@ -22,11 +23,11 @@ BYTES = seqio.ByteVocabulary()
 
 @pytest.fixture(scope='module')
 def modules():
-  """tasks.finetune / tasks.icl, imported with the byte vocabulary."""
+  """promot_tasks.finetune / promot_tasks.icl, imported with the byte vocabulary."""
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv('PROMOT_VOCABULARY', 'byte')
-    finetune = importlib.import_module('tasks.finetune')
-    icl = importlib.import_module('tasks.icl')
+    finetune = importlib.import_module('promot_tasks.finetune')
+    icl = importlib.import_module('promot_tasks.icl')
   return finetune, icl
 
 
@@ -307,3 +308,24 @@ def test_tf_fill_matches_python(modules):
   got = icl.tf_fill(templates.RTE_INPUT,
                     {k: tf.constant(v) for k, v in fields.items()})
   assert _s(got.numpy()) == templates.rte(**fields)
+
+
+def test_task_modules_register_how_their_tasks_are_scored(modules):
+  """The library learns a task's metric and labels from the module (eval.registry), never by
+  importing it."""
+  finetune, icl = modules
+  assert registry.task_info('promot_rte').metric == 'accuracy'
+  assert registry.task_info('promot_rte').labels == finetune.LABEL_SETS['promot_rte']
+  assert registry.task_info('icl_cb_1shot').labels == ('True', 'False', 'Neither')
+  assert registry.task_info('icl_triviaqa_4shot').metric_or_default() == 'exact_match'
+  # an eval file's METRICS / LABEL_SETS override what was registered
+  assert registry.task_info('promot_rte', metric='bleu', labels=['x']).metric == 'bleu'
+  with pytest.raises(ValueError, match='unknown metric'):
+    registry.register_task('promot_rte', metric='f1')
+
+
+def test_the_old_tasks_module_spelling_still_imports():
+  registry.import_task_modules(['tasks.toy'])   # read as promot_tasks.toy
+  assert 'toy_sorted' in seqio.TaskRegistry.names()
+  with pytest.raises(ValueError, match='Cannot import task module'):
+    registry.import_task_modules(['tasks.no_such_module'])

@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from promot_jax import losses, stages, tree_util
-from promot_jax.optim import make_optimizer
-from promot_jax.train_step import init_train_state, make_train_step
 from toy_inputs import toy_batch
 
-
+from promot_jax import tree_util
+from promot_jax.model import losses
+from promot_jax.train import stages
+from promot_jax.train.optimizer import make_optimizer
+from promot_jax.train.step import init_train_state, make_train_step
 
 
 def run_steps(cfg, params, stage, n=3):
@@ -147,7 +147,7 @@ def test_token_accuracy_counts_argmax_hits():
 _RBG_SHARDING_SCRIPT = '''
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from promot_jax.train_step import dropout_key
+from promot_jax.train.step import dropout_key
 key = dropout_key(jax.random.fold_in(jax.random.PRNGKey(0), 7))
 mask = lambda x, k: jax.random.bernoulli(k, 0.9, x.shape)
 x = jnp.zeros((8, 64, 32))

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from promot_jax import model, tree_util
+from promot_jax import tree_util
+from promot_jax.model import transformer as model
 
 
 def host_params(cfg, seed=0):

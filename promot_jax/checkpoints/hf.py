@@ -2,7 +2,7 @@
 
 Transformers 5 has no Flax classes, so the tensors are read straight from the files
 (`model.safetensors`, sharded safetensors, or `pytorch_model.bin`, sharded or not) and renamed
-into the t5x tree used by `promot_jax.model`. One table (`_GLOBAL`, `_ENCODER_LAYER`,
+into the t5x tree used by `promot_jax.model.transformer`. One table (`_GLOBAL`, `_ENCODER_LAYER`,
 `_DECODER_LAYER`) drives both directions, so loading and exporting cannot drift apart.
 
 HF `nn.Linear` weights are [out, in]; ours are [in, out], hence the transposes. The relative
@@ -27,8 +27,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from promot_jax import model, tree_util
-from promot_jax.config import T5Config, config_from_hf
+from promot_jax import tree_util
+from promot_jax.model import transformer as model
+from promot_jax.model.config import T5Config, config_from_hf
 
 CONFIG_NAME = 'config.json'
 SAFE_WEIGHTS = 'model.safetensors'
@@ -164,7 +165,7 @@ def _weight_files(path: str) -> tuple[str, list[str]]:
 
 
 def _safetensors_readers(files: list[str]) -> dict[str, Callable[[], np.ndarray]]:
-  from safetensors import safe_open
+  from safetensors import safe_open  # optional dependency
   readers: dict[str, Callable[[], np.ndarray]] = {}
   for file in files:
     handle = safe_open(file, framework='np')
@@ -182,7 +183,7 @@ def _safetensors_readers(files: list[str]) -> dict[str, Callable[[], np.ndarray]
 
 
 def _torch_readers(files: list[str]) -> dict[str, Callable[[], np.ndarray]]:
-  import torch  # only needed for .bin checkpoints
+  import torch  # only needed for .bin checkpoints  (optional dependency)
   readers: dict[str, Callable[[], np.ndarray]] = {}
   for file in files:
     try:
@@ -243,7 +244,7 @@ def is_hf_checkpoint(path: str) -> bool:
 def load_hf_params(path: str, config: Optional[T5Config] = None) -> tuple[T5Config, dict]:
   """(config, params) from a local HF MT5/T5 v1.1 ForConditionalGeneration directory.
 
-  Params are float32 numpy arrays in the t5x tree of `promot_jax.model` (no prompt). When
+  Params are float32 numpy arrays in the t5x tree of `promot_jax.model.transformer` (no prompt). When
   `config` is None it comes from the directory's config.json; otherwise the weights must
   match its shapes (a prompt_length > 0 is allowed: the prompt is simply absent).
   """

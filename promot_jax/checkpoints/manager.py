@@ -32,9 +32,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from promot_jax import prompt as prompt_lib
 from promot_jax.checkpoints import orbax_io
-from promot_jax.config import T5Config
+from promot_jax.model import prompt as prompt_lib
+from promot_jax.model.config import T5Config
 
 _STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
 _log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def read_history(stage_dir: str) -> list[dict]:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def _write_json(path: str, value: Any) -> None:
+def write_json(path: str, value: Any) -> None:
   tmp = path + '.tmp'
   try:
     with open(tmp, 'w') as f:
@@ -227,7 +227,7 @@ class StageCheckpoints:
     if jax.process_index() == 0:
       if prompt_lib.has_prompt(params):
         np.save(os.path.join(tmp, 'prompt.npy'), np.asarray(params['prompt']['prompt'], np.float32))
-      _write_json(os.path.join(tmp, 'state.json'), dict(state, step=step))
+      write_json(os.path.join(tmp, 'state.json'), dict(state, step=step))
       if os.path.exists(final):
         # Re-saving a step (e.g. after a resume): move the old one aside first, so a crash
         # here leaves it recoverable (clean_partial puts it back) rather than gone.
@@ -247,7 +247,7 @@ class StageCheckpoints:
       path = os.path.join(self.path(step), 'state.json')
       state = self.state(step)
       state['metrics'] = {**state.get('metrics', {}), **dict(metrics)}
-      _write_json(path, state)
+      write_json(path, state)
       with open(os.path.join(self.dir, HISTORY_FILE), 'a') as f:
         f.write(json.dumps({'step': step, **dict(metrics)}, sort_keys=True) + '\n')
       self._prune_and_keep()
@@ -262,13 +262,13 @@ class StageCheckpoints:
         shutil.rmtree(self.path(s), ignore_errors=True)
     if best is not None:
       value = self.state(best).get('metrics', {}).get(self.keep_metric)
-      _write_json(os.path.join(self.dir, 'kept.json'),
+      write_json(os.path.join(self.dir, 'kept.json'),
                   {'step': best, 'path': self.path(best), 'metric': self.keep_metric,
                    'value': value})
 
   def mark_done(self, summary: Mapping[str, Any]) -> None:
     if jax.process_index() == 0:
-      _write_json(os.path.join(self.dir, 'done.json'), dict(summary))
+      write_json(os.path.join(self.dir, 'done.json'), dict(summary))
     _sync('stage_done')
 
   def clean_partial(self) -> list[str]:

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from promot_jax import tree_util
-from promot_jax.config import T5Config
+from promot_jax.model.config import T5Config
 
 PARAMS_DIR = 'params'
 META_FILE = 'promot.json'

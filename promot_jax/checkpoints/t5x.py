@@ -23,7 +23,13 @@ import re
 import time
 from typing import Any, Callable, Mapping
 
+import jax
+import ml_dtypes
+import msgpack
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from flax import serialization
 
 from promot_jax import tree_util
 
@@ -43,13 +49,11 @@ def _split_gcs(path: str) -> tuple[str, str]:
 
 
 def _gcs(bucket: str):
-  import tensorstore as ts
   return ts.KvStore.open({'driver': 'gcs', 'bucket': bucket}).result()
 
 
 def _gcs_keys(path: str, as_dir: bool) -> list[str]:
   """Object names equal to `path`, or (as_dir) under `path/` relative to it."""
-  import tensorstore as ts
   bucket, key = _split_gcs(path)
   lo = f'{key}/' if as_dir and key else key
   hi = (f'{key}0' if as_dir else f'{key}\x00') if key else None  # '0' sorts right after '/'
@@ -136,7 +140,6 @@ def is_t5x_checkpoint(path: str) -> bool:
     kind, where = _locate(path)
     if kind == 'orbax':  # only t5x's own naming, so other orbax checkpoints are not claimed
       return os.path.basename(where) == 'state' and _is_orbax_dir(where)
-    import msgpack
     stream = io.BytesIO(_read_bytes(where)) if where.startswith('gs://') else open(where, 'rb')
     with stream:
       return _has_target(msgpack.Unpacker(stream, raw=False), top=True)
@@ -161,13 +164,13 @@ def _is_ts_spec(value: Any) -> bool:
   return isinstance(value, Mapping) and {'driver', 'kvstore', 'metadata'} <= set(value)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flatten_target(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   """Like tree_util.flatten, but TensorStore spec dicts are leaves and empty dicts vanish."""
   out = {}
   for key, value in tree.items():
     path = f'{prefix}/{key}' if prefix else str(key)
     if isinstance(value, Mapping) and not _is_ts_spec(value):
-      out.update(_flatten(value, path))
+      out.update(flatten_target(value, path))
     else:
       out[path] = value
   return out
@@ -191,7 +194,6 @@ def _as_dtype(dtype: Any) -> np.dtype:
   try:
     return np.dtype(dtype)
   except TypeError:
-    import ml_dtypes
     return np.dtype(getattr(ml_dtypes, str(dtype)))
 
 
@@ -203,7 +205,6 @@ def _read_zarr(specs: Mapping[str, Mapping[str, Any]], ckpt_dir: str, version: i
                dtype: np.dtype | None, progress: Progress | None, done: int,
                total: int) -> dict[str, np.ndarray]:
   """Open every zarr leaf at once, then read them all concurrently (tensorstore futures)."""
-  import tensorstore as ts
   context = ts.Context({'file_io_concurrency': {'limit': 128}})
   full = {p: _absolute_spec(s, ckpt_dir) for p, s in specs.items()}
   opening = {p: ts.open(s, open=True, read=True, context=context) for p, s in full.items()}
@@ -247,12 +248,6 @@ def _read_zarr(specs: Mapping[str, Mapping[str, Any]], ckpt_dir: str, version: i
 
 def _load_orbax(directory: str) -> dict[str, Any]:
   """Restore a whole orbax PyTree checkpoint with numpy leaves."""
-  try:
-    import jax
-    import orbax.checkpoint as ocp
-  except ImportError as err:
-    raise ValueError(f'{directory} is an orbax-layout t5x checkpoint; reading it needs the '
-                     f'orbax-checkpoint package (pip install orbax-checkpoint).') from err
   checkpointer = ocp.PyTreeCheckpointer()
   meta = checkpointer.metadata(directory)
   meta = getattr(getattr(meta, 'item_metadata', meta), 'tree', meta)
@@ -271,7 +266,6 @@ def _target(contents: Any, source: str) -> Mapping[str, Any]:
 
 
 def _read_msgpack(path: str) -> Any:
-  from flax import serialization
   raw = _read_bytes(path)
   if raw.startswith(b'model_checkpoint_path'):
     raise ValueError(f'{path} is a TensorFlow checkpoint index, not a t5x checkpoint; convert '
@@ -295,13 +289,13 @@ def load_t5x_params(path: str, *, dtype: Any = None,
   kind, where = _locate(path)
   if kind == 'legacy':
     contents = _read_msgpack(where)
-    flat, version = _flatten(_target(contents, where)), int(contents.get('version', 0))
+    flat, version = flatten_target(_target(contents, where)), int(contents.get('version', 0))
     ckpt_dir = (where.rsplit('/', 1)[0] if where.startswith('gs://')
                 else os.path.dirname(where) or '.')
     if any(isinstance(v, str) and v.startswith('PLACEHOLDER://') for v in flat.values()):
       kind, where = 'orbax', ckpt_dir  # an early orbax msgpack: the arrays live outside it
   if kind == 'orbax':
-    flat, version, ckpt_dir = _flatten(_target(_load_orbax(where), where)), _VERSION, where
+    flat, version, ckpt_dir = flatten_target(_target(_load_orbax(where), where)), _VERSION, where
   specs = {p: v for p, v in flat.items() if _is_ts_spec(v)}
   out = {}
   for p, v in flat.items():
@@ -333,8 +327,6 @@ def write_t5x_checkpoint(params: Mapping[str, Any], directory: str, *, step: int
   inline in the msgpack instead (as t5x does for leaves it does not partition). Local paths only;
   written to a temporary directory then renamed, like t5x. Returns the absolute `directory`.
   """
-  import tensorstore as ts
-  from flax import serialization
   if directory.startswith('gs://'):
     raise ValueError('write_t5x_checkpoint writes local directories only.')
   directory = os.path.abspath(directory)
@@ -343,7 +335,7 @@ def write_t5x_checkpoint(params: Mapping[str, Any], directory: str, *, step: int
   tmp = f'{directory}.tmp-{int(time.time())}-{os.getpid()}'
   os.makedirs(tmp)
   target, opening = {}, []
-  for path, leaf in _flatten(params).items():
+  for path, leaf in flatten_target(params).items():
     arr = np.asarray(leaf)
     if inline_threshold is not None and arr.size < inline_threshold:
       target[path] = arr

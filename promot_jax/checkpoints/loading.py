@@ -1,0 +1,88 @@
+"""One entry point for pretrained weights in any supported format.
+
+`load_pretrained(path)` recognises a Hugging Face directory, a t5x checkpoint (legacy
+msgpack + zarr) or a promot_jax (orbax) checkpoint, reads it into the model's own tree, and
+checks every shape against the config. t5x checkpoints carry no config, so one is inferred
+from the parameter shapes (or checked against the one given).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from promot_jax import tree_util
+from promot_jax.checkpoints import hf, orbax_io, t5x
+from promot_jax.model import transformer as model
+from promot_jax.model.config import T5Config
+
+FORMATS = ('auto', 'hf', 't5x', 'orbax')
+
+
+def detect_format(path: str) -> str:
+  """'hf', 't5x' or 'orbax'; a clear error when the path is none of them."""
+  if not path.startswith('gs://') and not os.path.exists(path):
+    raise FileNotFoundError(f'No checkpoint at {path}: the path does not exist.')
+  if orbax_io.is_orbax_checkpoint(path):
+    return 'orbax'
+  if t5x.is_t5x_checkpoint(path) or t5x.latest_t5x_checkpoint(path):
+    return 't5x'  # a t5x model dir: load_t5x_params names the checkpoint_<step> to pass
+  if hf.is_hf_checkpoint(path):
+    return 'hf'
+  listing = sorted(os.listdir(path))[:12] if os.path.isdir(path) else []
+  raise ValueError(
+      f'{path} is not a checkpoint promot_jax can read. Expected one of: a Hugging Face model '
+      'directory (config.json + model.safetensors or pytorch_model.bin), a t5x checkpoint '
+      'directory (checkpoint_<step>/ holding a msgpack file named "checkpoint"), or a promot_jax '
+      f'checkpoint (params/ + promot.json). Found: {listing}')
+
+
+def config_from_params(params: Mapping[str, Any], **overrides: Any) -> T5Config:
+  """Infer the architecture from parameter shapes (t5x checkpoints store no config)."""
+  flat = tree_util.flatten(params)
+
+  def shape(path):
+    if path not in flat:
+      raise ValueError(f'Cannot infer the model config: no parameter {path} in the checkpoint.')
+    return tuple(flat[path].shape)
+
+  vocab, emb = shape('token_embedder/embedding')
+  heads, buckets = shape('encoder/relpos_bias/rel_embedding')
+  joined = shape('encoder/layers_0/attention/query/kernel')[1]
+  mlp = shape('encoder/layers_0/mlp/wi_0/kernel')[1]
+  count = lambda stack: len({p.split('/')[1] for p in flat  # noqa: E731
+                             if p.startswith(f'{stack}/layers_')})
+  cfg = T5Config(vocab_size=vocab, emb_dim=emb, num_heads=heads, head_dim=joined // heads,
+                 mlp_dim=mlp, num_encoder_layers=count('encoder'),
+                 num_decoder_layers=count('decoder'), relative_attention_num_buckets=buckets,
+                 logits_via_embedding='decoder/logits_dense/kernel' not in flat)
+  if 'prompt/prompt' in flat:
+    cfg = cfg.replace(prompt_length=shape('prompt/prompt')[0])
+  return cfg.replace(**overrides)
+
+
+def load_pretrained(path: str, config: Optional[T5Config] = None, fmt: str = 'auto',
+                    ) -> tuple[T5Config, dict[str, Any]]:
+  """(config, params as float32 numpy) from an HF, t5x or promot_jax checkpoint.
+
+  When `config` is given, the checkpoint must match its architecture; the prompt may be
+  absent from the checkpoint (pretrained weights never have one) and is then left out.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f'Unknown checkpoint format {fmt!r}; choose one of {FORMATS}.')
+  fmt = detect_format(path) if fmt == 'auto' else fmt
+  if fmt == 'hf':
+    found_cfg, params = hf.load_hf_params(path, config.replace(prompt_length=0) if config else None)
+  elif fmt == 't5x':
+    params = t5x.load_t5x_params(path, dtype=np.float32)
+    found_cfg = config_from_params(params)
+  else:
+    params = orbax_io.restore_params(path, as_numpy=True)
+    found_cfg = orbax_io.read_config(path)
+  if config is None:
+    config = found_cfg
+  tree_util.check_tree_matches(params, model.abstract_params(config), source=path,
+                               ignore_missing=('prompt',))
+  return config, params

@@ -1,0 +1,65 @@
+"""Which checkpoint a path means, what it is called in results, and loading it for inference.
+
+A path may be one checkpoint (params/ + promot.json), a stage directory (its kept
+checkpoint, as the manager records it in kept.json), or pretrained weights in another
+format (checkpoints.loading decides).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import jax
+
+from promot_jax.checkpoints import loading, orbax_io
+from promot_jax.checkpoints.manager import StageCheckpoints
+from promot_jax.model.config import T5Config
+
+
+def resolve_checkpoint(path: str) -> str:
+  """A checkpoint dir as given, or a stage dir's kept checkpoint (kept.json)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No checkpoint at {path}: the path does not exist.')
+  if orbax_io.is_orbax_checkpoint(path):
+    return path
+  kept = StageCheckpoints(path).kept()
+  if kept is not None:
+    for candidate in (kept.get('path', ''), os.path.join(path, f"checkpoint_{kept.get('step')}")):
+      if candidate and orbax_io.is_orbax_checkpoint(candidate):
+        return candidate
+    raise FileNotFoundError(f'{os.path.join(path, "kept.json")} names {kept.get("path")}, '
+                            'which is not a checkpoint.')
+  if any(n.startswith('checkpoint_') for n in os.listdir(path)):
+    raise FileNotFoundError(f'{path} holds checkpoints but no kept.json; pass one '
+                            'checkpoint_<step> directory with --checkpoint.')
+  return path  # maybe a pretrained HF / t5x checkpoint: loading.load_pretrained decides
+
+
+def checkpoint_name(resolved: str) -> str:
+  """'<stage>_checkpoint_<step>' for a stage's checkpoint, else the directory's name."""
+  base = os.path.basename(os.path.normpath(resolved))
+  if re.fullmatch(r'checkpoint_\d+', base):
+    return f'{os.path.basename(os.path.dirname(os.path.normpath(resolved)))}_{base}'
+  return base
+
+
+def checkpoint_has_prompt(resolved: str) -> bool:
+  """Whether the checkpoint holds prompt/prompt (metadata only for promot_jax checkpoints)."""
+  fmt = loading.detect_format(resolved)
+  if fmt == 'orbax':
+    return 'prompt' in orbax_io.param_shapes(resolved)
+  return fmt == 't5x' and 'prompt' in loading.load_pretrained(resolved, fmt='t5x')[1]
+
+
+def load_checkpoint(resolved: str) -> tuple[T5Config, Any]:
+  """(config without dropout, params on the default device) from any readable checkpoint."""
+  if orbax_io.is_orbax_checkpoint(resolved):
+    cfg, params = orbax_io.read_config(resolved), orbax_io.restore_params(resolved)
+  else:
+    cfg, params = loading.load_pretrained(resolved)
+  # Host arrays would be copied to the device at every batch: place them once.
+  params = jax.tree_util.tree_map(
+      lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
+  return cfg.replace(dropout_rate=0.0), params

@@ -1,0 +1,249 @@
+"""The ProMoT evaluation suite: every checkpoint on the fine-tuned task and the in-context tasks.
+
+For each checkpoint: the fine-tuned task WITH the soft prompt (0-shot), then every in-context
+task WITHOUT it, each evaluated by eval.task (decode or rank, post-process, the paper's
+metric). Each in-context task also reports its format-specialization rate: the share of
+outputs whose first word lies in the fine-tuned task's label set.
+
+Results: OUT_DIR/<checkpoint name>/results.json (rewritten after every task) and
+OUT_DIR/summary.json. A task that cannot run (unknown name, unreadable data) becomes an
+error entry and the others still run. The command is `promot eval` (cli/eval_cmd.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+
+from promot_jax.checkpoints import resolve
+from promot_jax.data import pipeline
+from promot_jax.eval import metrics, registry
+from promot_jax.eval.task import TaskPlan, default_split, evaluate_task, expand, plan_for, shots_of
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What `promot eval` runs; gin/eval/base.gin maps the macros onto these fields."""
+  out_dir: str
+  checkpoints: Sequence[str] = ()
+  finetuned_task: Optional[str] = None
+  finetuned_with_prompt: bool = True      # False for baselines that have no prompt
+  icl_tasks: Sequence[str] = ()           # task or mixture names, evaluated without the prompt
+  task_modules: Sequence[str] = ()
+  task_feature_lengths: Mapping[str, int] = dataclasses.field(
+      default_factory=lambda: {'inputs': 1024, 'targets': 128})
+  batch_size: int = 32
+  max_eval_examples: Optional[int] = None
+  decoding: str = 'beam'                  # 'beam' | 'greedy'
+  beam_size: int = 4
+  beam_alpha: float = 0.6
+  classification_mode: str = 'decode'     # 'decode' | 'rank' (tasks with a label set)
+  metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)   # task -> metric
+  label_sets: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+  splits: Mapping[str, str] = dataclasses.field(default_factory=dict)    # task -> split
+  format_labels: Optional[Sequence[str]] = None   # default: the fine-tuned task's label set
+  num_saved_examples: int = 5
+
+  def validate(self) -> None:
+    if self.decoding not in ('beam', 'greedy'):
+      raise ValueError(f"DECODING must be 'beam' or 'greedy', got {self.decoding!r}.")
+    if self.classification_mode not in ('decode', 'rank'):
+      raise ValueError("CLASSIFICATION_MODE must be 'decode' or 'rank', got "
+                       f'{self.classification_mode!r}.')
+    if self.batch_size < 1 or self.beam_size < 1:
+      raise ValueError('EVAL_BATCH_SIZE and BEAM_SIZE must be positive.')
+    if {'inputs', 'targets'} - set(self.task_feature_lengths):
+      raise ValueError("TASK_FEATURE_LENGTHS needs 'inputs' and 'targets', e.g. "
+                       "{'inputs': 1024, 'targets': 128}.")
+    if self.max_eval_examples is not None and self.max_eval_examples < 1:
+      raise ValueError(f'MAX_EVAL_EXAMPLES must be positive or None, got {self.max_eval_examples}.')
+    for name, metric in self.metrics.items():
+      if metric not in metrics.METRICS:
+        raise ValueError(f'METRICS[{name!r}] = {metric!r}; choose one of {list(metrics.METRICS)}.')
+    if not self.finetuned_task and not self.icl_tasks:
+      raise ValueError('Nothing to evaluate: set FINETUNED_TASK and/or ICL_TASKS.')
+
+
+def plan_tasks(ecfg: EvalConfig) -> list[TaskPlan]:
+  """The suite's tasks in order; an unknown name becomes a plan carrying its error."""
+  wanted = [(ecfg.finetuned_task, 'finetuned')] if ecfg.finetuned_task else []
+  wanted += [(n, 'in_context') for n in ecfg.icl_tasks]
+  plans = []
+  for raw, role in wanted:
+    with_prompt = role == 'finetuned' and ecfg.finetuned_with_prompt
+    try:
+      pipeline.check_task_name(raw)
+      names = expand(raw)
+    except ValueError as e:
+      plans.append(TaskPlan(raw, role, with_prompt, shots_of(raw), error=str(e)))
+      continue
+    for name in names:
+      plans.append(plan_for(name, role, with_prompt, ecfg.splits.get(name) or default_split(name),
+                            ecfg.metrics.get(name), ecfg.label_sets.get(name),
+                            ecfg.classification_mode))
+  return plans
+
+
+def format_label_set(ecfg: EvalConfig) -> Optional[tuple[str, ...]]:
+  """FORMAT_LABELS, else the fine-tuned task's label set (LABEL_SETS, else registered)."""
+  if ecfg.format_labels:
+    return tuple(ecfg.format_labels)
+  if ecfg.finetuned_task:
+    return registry.task_info(ecfg.finetuned_task,
+                              labels=ecfg.label_sets.get(ecfg.finetuned_task)).labels
+  return None
+
+
+# ------------------------------------------------------------------------------- the suite
+
+def is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+def log_line(message: str) -> None:
+  if is_writer():
+    print(message, flush=True)
+
+
+def _write_json(path: str, value: Any) -> None:
+  if not is_writer():
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
+
+
+def _averages(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Optional[float]]:
+  """The paper's Norm. Avg.: the mean in-context score per shot count (None if one failed)."""
+  groups: dict[str, dict[str, Optional[float]]] = {}
+  for name, entry in tasks.items():
+    if entry.get('role') == 'in_context':
+      groups.setdefault(f'{entry["shots"]}shot', {})[name] = entry.get(entry.get('metric', ''))
+  return {k: metrics.paper_average(v) for k, v in sorted(groups.items())}
+
+
+def _short(message: str, lines: int = 4, chars: int = 600) -> str:
+  """Error text for JSON and stderr: some libraries put pages into their messages."""
+  kept = '\n'.join(message.splitlines()[:lines])
+  kept = kept if len(kept) <= chars else kept[:chars]
+  return kept + (' ...' if kept != message else '')
+
+
+def evaluate_checkpoint(ecfg: EvalConfig, path: str, name: str, plans: Sequence[TaskPlan],
+                        log: Optional[Log] = None) -> dict[str, Any]:
+  """Every planned task on one checkpoint; OUT_DIR/<name>/results.json after each task."""
+  log = log or log_line
+  resolved = resolve.resolve_checkpoint(path)
+  cfg, params = resolve.load_checkpoint(resolved)
+  labels = format_label_set(ecfg)
+  results = {'checkpoint': {'name': name, 'path': path, 'resolved': resolved,
+                            'has_prompt': 'prompt' in params},
+             'settings': {'decoding': ecfg.decoding, 'beam_size': ecfg.beam_size,
+                          'beam_alpha': ecfg.beam_alpha,
+                          'classification_mode': ecfg.classification_mode,
+                          'task_feature_lengths': dict(ecfg.task_feature_lengths),
+                          'max_eval_examples': ecfg.max_eval_examples,
+                          'finetuned_task': ecfg.finetuned_task,
+                          'format_labels': list(labels) if labels else None},
+             'tasks': {}, 'failed': []}
+  out = os.path.join(ecfg.out_dir, name, 'results.json')
+  tag = lambda message: log(f'[eval {name}] {message}')  # noqa: E731
+  for plan in plans:
+    where = 'with prompt' if plan.with_prompt else 'without prompt'
+    tag(f'{plan.name}: {plan.role}, {plan.shots}-shot, {where}, split {plan.split or "?"}')
+    try:
+      if plan.error:
+        raise ValueError(plan.error)
+      entry = evaluate_task(cfg, params, plan, task_feature_lengths=ecfg.task_feature_lengths,
+                            batch_size=ecfg.batch_size, max_examples=ecfg.max_eval_examples,
+                            decoding_method=ecfg.decoding, beam_size=ecfg.beam_size,
+                            alpha=ecfg.beam_alpha, format_labels=labels,
+                            num_saved_examples=ecfg.num_saved_examples, log=tag)
+    except Exception as e:  # noqa: BLE001 -- one broken task must not stop the suite
+      message = _short(f'{type(e).__name__}: {e}')
+      print(f'promot eval: {name}: task {plan.name} failed: {message}', file=sys.stderr,
+            flush=True)
+      entry = {'error': message, 'with_prompt': plan.with_prompt, 'shots': plan.shots,
+               'role': plan.role}
+      results['failed'].append(plan.name)
+    results['tasks'][plan.name] = entry
+    results['averages'] = _averages(results['tasks'])
+    _write_json(out, results)
+  return results
+
+
+def evaluate_suite(ecfg: EvalConfig, checkpoints: Optional[Sequence[str]] = None,
+                   log: Optional[Log] = None) -> dict[str, dict[str, Any]]:
+  """Evaluate every checkpoint on the suite; {checkpoint name: results}. Writes the JSON files.
+
+  Checked before anything runs: every checkpoint exists, and holds a prompt if the suite
+  uses it (a ValueError names the checkpoint otherwise).
+  """
+  log = log or log_line
+  ecfg.validate()
+  registry.import_task_modules(ecfg.task_modules)
+  paths = list(checkpoints if checkpoints is not None else ecfg.checkpoints)
+  if not paths:
+    raise ValueError('No checkpoint to evaluate: pass --checkpoint PATH or set CHECKPOINTS.')
+  plans = plan_tasks(ecfg)
+  named, seen = [], {}
+  for path in paths:
+    resolved = resolve.resolve_checkpoint(path)
+    if any(p.with_prompt for p in plans) and not resolve.checkpoint_has_prompt(resolved):
+      raise ValueError(
+          f'Checkpoint {resolved} has no prompt, but {ecfg.finetuned_task} is evaluated with '
+          'it. Evaluate a ProMoT / prompt-tuning checkpoint, or set '
+          '--gin.FINETUNED_WITH_PROMPT=False for a baseline without a prompt.')
+    name = resolve.checkpoint_name(resolved)
+    seen[name] = seen.get(name, 0) + 1
+    named.append((path, name if seen[name] == 1 else f'{name}_{seen[name]}'))
+  all_results = {}
+  for path, name in named:
+    all_results[name] = evaluate_checkpoint(ecfg, path, name, plans, log)
+  summary = {name: {'tasks': {t: e.get(e.get('metric', ''), None) if 'error' not in e else 'error'
+                              for t, e in r['tasks'].items()},
+                    'format_rate': {t: e.get('format_rate') for t, e in r['tasks'].items()},
+                    'averages': r.get('averages', {}), 'failed': r['failed']}
+             for name, r in all_results.items()}
+  _write_json(os.path.join(ecfg.out_dir, 'summary.json'), summary)
+  return all_results
+
+
+def summary_table(all_results: Mapping[str, Mapping[str, Any]]) -> str:
+  """Tasks down, checkpoints across: score (format rate) or ERROR."""
+  names = list(all_results)
+  rows = {}
+  for name in names:
+    for task, entry in all_results[name]['tasks'].items():
+      rows.setdefault(task, {})[name] = entry
+  width = max([len(t) for t in rows] + [16])
+  cell = max([len(n) + 2 for n in names] + [24])
+  head = f'{"task":<{width}}  prompt shots metric       ' + ''.join(f'{n:>{cell}}' for n in names)
+  lines = [head, '-' * len(head)]
+  for task, by_ckpt in rows.items():
+    first = next(iter(by_ckpt.values()))
+    metric = next((e['metric'] for e in by_ckpt.values() if 'metric' in e), '-')
+    cells = []
+    for n in names:
+      e = by_ckpt.get(n)
+      if e is None or 'error' in e:
+        cells.append(f'{"ERROR" if e else "-":>{cell}}')
+      else:
+        fmt = f' (fmt {e["format_rate"]:.2f})' if e.get('format_rate') is not None else ''
+        cells.append(f'{e[e["metric"]]:.2f}{fmt}'.rjust(cell))
+    lines.append(f'{task:<{width}}  {"yes" if first["with_prompt"] else "no":<6} '
+                 f'{first["shots"]:<5} {metric:<12} ' + ''.join(cells))
+  shot_keys = sorted({k for r in all_results.values() for k in r.get('averages', {})})
+  for key in shot_keys:
+    values = [all_results[n].get('averages', {}).get(key) for n in names]
+    lines.append(f'{"ICL average " + key:<{width + 27}} ' + ''.join(
+        (f'{v:.2f}' if v is not None else '-').rjust(cell) for v in values))
+  return '\n'.join(lines)

@@ -1,0 +1,57 @@
+"""Gin files and `--gin.NAME=VALUE` overrides -> the plain dataclasses the library runs.
+
+`load_run` builds a train.run_config.RunConfig (gin/promot.gin maps t5x's macro names onto
+it) and `load_eval_config` an eval.suite.EvalConfig (gin/eval/base.gin). Nothing below this
+layer reads gin.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import gin
+from promot_jax.eval.suite import EvalConfig
+from promot_jax.ginconf import check, parse
+from promot_jax.train.run_config import RunConfig
+
+# Macros an eval file may set (gin/eval/base.gin); others are reported.
+EVAL_MACROS = frozenset((
+    'OUT_DIR', 'CHECKPOINTS', 'FINETUNED_TASK', 'FINETUNED_WITH_PROMPT', 'ICL_TASKS',
+    'TASK_MODULES', 'TASK_FEATURE_LENGTHS', 'EVAL_BATCH_SIZE', 'MAX_EVAL_EXAMPLES', 'DECODING',
+    'BEAM_SIZE', 'BEAM_ALPHA', 'CLASSIFICATION_MODE', 'METRICS', 'LABEL_SETS', 'SPLITS',
+    'FORMAT_LABELS', 'NUM_SAVED_EXAMPLES', 'EVAL'))
+
+
+def load_run(gin_files: Sequence[str], gin_flags: Sequence[str],
+             search_paths: Sequence[str] = ()) -> RunConfig:
+  """Parse gin (files, then --gin.NAME=VALUE overrides) and build the RunConfig.
+
+  A macro that nothing reads (a typo such as TRAIN_STPES) is an error here, before any
+  command touches MODEL_DIR.
+  """
+  bindings = parse.gin_flags_to_bindings(gin_flags)
+  files = parse.parse_gin(gin_files, bindings, search_paths)
+  check.check_unread_macros(files, bindings)
+  try:
+    return gin.get_configurable(RunConfig)()
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'Bad run configuration in {list(gin_files)}: {e}') from e
+
+
+def load_eval_config(gin_files: Sequence[str], gin_flags: Sequence[str],
+                     search_paths: Sequence[str] = ()) -> EvalConfig:
+  """Parse eval gin files and --gin.X=... overrides into an EvalConfig."""
+  parse.parse_gin(gin_files, parse.gin_flags_to_bindings(gin_flags), search_paths)
+  try:
+    unknown = sorted(name for name, selector in gin.config._CONFIG  # noqa: SLF001
+                     if selector == 'gin.macro' and name not in EVAL_MACROS)
+  except Exception:  # noqa: BLE001 -- a gin internals change only loses this warning
+    unknown = []
+  if unknown:
+    print(f'promot eval: warning: gin macros not used by the eval suite: {unknown}',
+          file=sys.stderr)
+  try:
+    return gin.get_configurable(EvalConfig)()
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'Bad eval configuration in {list(gin_files)}: {e}') from e

@@ -1,0 +1,85 @@
+"""The device mesh and the logical-axis rules that lay parameters, state and batches on it.
+
+One ('data', 'model') mesh over every device of every host (t5x's convention). Each
+parameter carries logical axis names (see layers.py); the rules below map them to mesh axes,
+so one table partitions any model size. These are t5x's standard 1-D rules plus the prompt's
+axes, which stay replicated: the prompt is tiny and every data shard needs all of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LogicalRules = Sequence[tuple[str, Optional[str]]]
+
+STANDARD_RULES: tuple[tuple[str, Optional[str]], ...] = (
+    ('batch', 'data'),
+    ('vocab', 'model'),
+    ('embed', None),
+    ('mlp', 'model'),
+    ('heads', 'model'),
+    ('kv', None),
+    ('joined_kv', 'model'),
+    ('relpos_buckets', None),
+    ('abspos_buckets', None),
+    ('length', None),
+    ('layers', None),
+    ('stack', None),
+    ('mlp_activations', None),
+    ('prompt', None),
+    ('prompt_embed', None),
+)
+
+
+def standard_logical_axis_rules(additional_rules: LogicalRules = ()) -> tuple:
+  """t5x's standard rules; `additional_rules` (e.g. from gin) take precedence."""
+  overridden = {name for name, _ in additional_rules}
+  return tuple(additional_rules) + tuple(r for r in STANDARD_RULES if r[0] not in overridden)
+
+
+def make_mesh(num_partitions: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A (data, model) mesh over all devices (all hosts); `num_partitions` devices per model shard."""
+  devices = list(jax.devices() if devices is None else devices)
+  if num_partitions < 1 or len(devices) % num_partitions:
+    raise ValueError(f'num_partitions={num_partitions} must divide the {len(devices)} devices; '
+                     f'choose one of {[d for d in range(1, len(devices) + 1) if len(devices) % d == 0]}.')
+  grid = np.asarray(devices).reshape(len(devices) // num_partitions, num_partitions)
+  return Mesh(grid, ('data', 'model'))
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules: LogicalRules) -> Any:
+  """A tree of logical PartitionSpecs -> NamedShardings on `mesh`."""
+  return jax.tree_util.tree_map(
+      lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(spec, rules)), logical_specs,
+      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches: split over 'data', replicated over 'model'. Shape [batch, length]."""
+  return NamedSharding(mesh, PartitionSpec('data', None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
+  data = mesh.shape['data']
+  if batch_size % data:
+    raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the mesh\'s data axis ({data} = '
+                     f'{mesh.devices.size} devices / {mesh.shape["model"]} model partitions). '
+                     f'Use a multiple of {data}, e.g. {((batch_size // data) + 1) * data}, or '
+                     'change NUM_PARTITIONS.')
+
+
+def global_batch_from_host(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assemble each host's slice of the batch into global arrays sharded over 'data'."""
+  sharding = data_sharding(mesh)
+  if jax.process_count() == 1:
+    return {k: jax.device_put(v, sharding) for k, v in host_batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}

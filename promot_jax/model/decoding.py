@@ -1,0 +1,239 @@
+"""Decoding and scoring with a key/value cache: greedy, beam search, rank classification.
+
+The encoder runs once (with or without the prompt); the decoder then takes one position per
+step, reading past keys/values from the 'cache' collection. Beam search flattens the beams
+into the batch ([batch * beams, ...]) and reorders the cache rows whenever beams are re-chosen.
+Each public function is jitted with its configuration and lengths static, so repeated calls
+with the same shapes reuse the compiled program. Parameters may be sharded jax arrays: nothing
+here moves them between devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from promot_jax.model.config import T5Config
+from promot_jax.model.transformer import Transformer
+
+Array = jax.Array
+PAD_ID, EOS_ID = 0, 1
+
+
+def init_cache(model: Transformer, params: Mapping[str, Any], encoded: Array, valid: Array,
+               batch: int, max_decode_length: int) -> Any:
+  """Zeroed cache variables sized [batch, max_decode_length, heads, kv] per attention layer."""
+  dummy = jnp.zeros((batch, max_decode_length), jnp.int32)
+  variables = jax.eval_shape(
+      lambda: model.apply({'params': params}, encoded, valid, dummy, decode=True,
+                          max_decode_length=max_decode_length, method=Transformer.decode,
+                          mutable=['cache'])[1])
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), variables['cache'])
+
+
+def decode_step(model: Transformer, params: Mapping[str, Any], cache: Any, encoded: Array,
+                valid: Array, tokens: Array, max_decode_length: int) -> tuple[Array, Any]:
+  """Logits [batch, vocab] for the next position given the previous tokens [batch, 1]."""
+  logits, updated = model.apply({'params': params, 'cache': cache}, encoded, valid, tokens,
+                                decode=True, max_decode_length=max_decode_length,
+                                method=Transformer.decode, mutable=['cache'])
+  return logits[:, 0, :].astype(jnp.float32), updated['cache']
+
+
+def greedy_decode(config: T5Config, params: Mapping[str, Any], encoder_input_tokens: Array,
+                  max_decode_length: int, with_prompt: bool = False,
+                  eos_id: int = EOS_ID) -> Array:
+  """Greedy decoding. Returns tokens [batch, max_decode_length], padded with 0 after EOS.
+
+  One compiled program per (config, shapes, with_prompt), however the arguments are passed;
+  `eos_id` is traced (-1 never stops early).
+  """
+  return greedy_decode_jitted(config, params, encoder_input_tokens, max_decode_length, with_prompt,
+                        jnp.int32(eos_id))
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'max_decode_length', 'with_prompt'))
+def greedy_decode_jitted(config: T5Config, params: Mapping[str, Any], encoder_input_tokens: Array,
+                   max_decode_length: int, with_prompt: bool, eos_id: Array) -> Array:
+  model = Transformer(config)
+  batch = encoder_input_tokens.shape[0]
+  encoded, valid = model.apply({'params': params}, encoder_input_tokens, with_prompt=with_prompt,
+                               method=Transformer.encode)
+  cache = init_cache(model, params, encoded, valid, batch, max_decode_length)
+
+  def body(state):
+    i, cache, prev, out, done = state
+    logits, cache = decode_step(model, params, cache, encoded, valid, prev, max_decode_length)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)             # [batch]
+    token = jnp.where(done, PAD_ID, token)
+    out = out.at[:, i].set(token)
+    return i + 1, cache, token[:, None], out, done | (token == eos_id)
+
+  def running(state):  # stop early once every row has produced EOS (the rest would be padding)
+    return (state[0] < max_decode_length) & ~jnp.all(state[4])
+
+  start = jnp.full((batch, 1), PAD_ID, jnp.int32)                     # T5's decoder start id is 0
+  out = jnp.zeros((batch, max_decode_length), jnp.int32)
+  done = jnp.zeros((batch,), jnp.bool_)
+  state = (jnp.array(0, jnp.int32), cache, start, out, done)
+  return jax.lax.while_loop(running, body, state)[3]
+
+
+# ------------------------------------------------------------------------------ beam search
+
+NEG_INF = -1.0e7  # a finite "minus infinity": sums of it stay ordered and never become NaN
+
+
+class BeamSearchOutput(NamedTuple):
+  """The best beam per example."""
+  tokens: Array      # [batch, max_decode_length] int32, 0-padded after EOS
+  scores: Array      # [batch] log-probability / length penalty (what beam search ranks by)
+  log_probs: Array   # [batch] summed token log-probabilities (no length penalty)
+
+
+def length_penalty(length: Array | int, alpha: float) -> Array:
+  """t5x's brevity penalty ((5 + length) / 6) ** alpha; a beam's score is log_prob / this."""
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def _gather_beams(x: Array, index: Array) -> Array:
+  """x [batch, beams, ...] indexed by index [batch, k] along the beam axis -> [batch, k, ...]."""
+  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def _reorder_cache(cache: Any, index: Array, batch: int, beams: int) -> Any:
+  """Re-select the rows of every [batch * beams, ...] cache leaf after beams were re-chosen."""
+  def gather(leaf):
+    if leaf.ndim == 0 or leaf.shape[0] != batch * beams:
+      return leaf  # the shared cache index
+    rows = leaf.reshape((batch, beams) + leaf.shape[1:])
+    return _gather_beams(rows, index).reshape(leaf.shape)
+  return jax.tree_util.tree_map(gather, cache)
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'max_decode_length', 'beam_size',
+                                             'with_prompt'))
+def beam_search_jitted(config: T5Config, params: Mapping[str, Any], encoder_input_tokens: Array,
+                 max_decode_length: int, beam_size: int, alpha: Array, with_prompt: bool,
+                 eos_id: Array) -> BeamSearchOutput:
+  model = Transformer(config)
+  batch, beams, length = encoder_input_tokens.shape[0], beam_size, max_decode_length
+  encoded, valid = model.apply({'params': params}, encoder_input_tokens, with_prompt=with_prompt,
+                               method=Transformer.encode)
+  encoded = jnp.repeat(encoded, beams, axis=0)                        # row b * beams + k
+  valid = jnp.repeat(valid, beams, axis=0)
+  cache = init_cache(model, params, encoded, valid, batch * beams, length)
+  max_penalty = length_penalty(length, alpha)
+
+  def body(state):
+    (i, cache, last, live_seqs, live_lp, fin_seqs, fin_scores, fin_lp, fin_flags) = state
+    logits, cache = decode_step(model, params, cache, encoded, valid,
+                                last.reshape(batch * beams, 1), length)
+    token_lp = jax.nn.log_softmax(logits).reshape(batch, beams, -1)   # [batch, beams, vocab]
+    vocab = token_lp.shape[-1]
+    candidates = (live_lp[:, :, None] + token_lp).reshape(batch, beams * vocab)
+    # 2 * beams candidates: even if `beams` of them end in EOS, `beams` stay alive.
+    top_lp, top_index = jax.lax.top_k(candidates, 2 * beams)
+    origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+    top_seqs = _gather_beams(live_seqs, origin).at[:, :, i].set(token)  # [batch, 2B, length]
+    ends = token == eos_id
+    # Live beams: the best candidates that did not end.
+    live_lp, pick = jax.lax.top_k(jnp.where(ends, NEG_INF, top_lp), beams)
+    live_seqs = _gather_beams(top_seqs, pick)
+    cache = _reorder_cache(cache, _gather_beams(origin, pick), batch, beams)
+    last = _gather_beams(token, pick)
+    # Finished beams: keep the best `beams` of the old finished ones and those ending now.
+    new_scores = jnp.where(ends, top_lp / length_penalty(i + 1, alpha), NEG_INF)
+    all_scores = jnp.concatenate([fin_scores, new_scores], axis=1)
+    fin_scores, pick = jax.lax.top_k(all_scores, beams)
+    fin_seqs = _gather_beams(jnp.concatenate([fin_seqs, top_seqs], axis=1), pick)
+    fin_lp = _gather_beams(jnp.concatenate([fin_lp, top_lp], axis=1), pick)
+    fin_flags = _gather_beams(jnp.concatenate([fin_flags, ends], axis=1), pick)
+    return i + 1, cache, last, live_seqs, live_lp, fin_seqs, fin_scores, fin_lp, fin_flags
+
+  def running(state):
+    i, live_lp, fin_scores, fin_flags = state[0], state[4], state[6], state[8]
+    # A live beam can at best keep its log-prob and reach the largest penalty (alpha >= 0).
+    best_live = jnp.max(live_lp, axis=1) / max_penalty
+    worst_finished = jnp.min(jnp.where(fin_flags, fin_scores, NEG_INF), axis=1)
+    return (i < length) & ~jnp.all(worst_finished > best_live)
+
+  first = jnp.array([0.0] + [NEG_INF] * (beams - 1), jnp.float32)    # one real beam at start
+  state = (jnp.array(0, jnp.int32), cache, jnp.full((batch, beams), PAD_ID, jnp.int32),
+           jnp.zeros((batch, beams, length), jnp.int32), jnp.tile(first, (batch, 1)),
+           jnp.zeros((batch, beams, length), jnp.int32), jnp.full((batch, beams), NEG_INF),
+           jnp.zeros((batch, beams), jnp.float32), jnp.zeros((batch, beams), jnp.bool_))
+  state = jax.lax.while_loop(running, body, state)
+  _, _, _, live_seqs, live_lp, fin_seqs, fin_scores, fin_lp, fin_flags = state
+  # Beams still alive when the loop stops compete as length-`max_decode_length` sequences; if
+  # the loop stopped early they cannot win (that is why it stopped).
+  scores = jnp.concatenate([jnp.where(fin_flags, fin_scores, NEG_INF),
+                            live_lp / max_penalty], axis=1)
+  best = jnp.argmax(scores, axis=1)[:, None]                          # [batch, 1]
+  seqs = _gather_beams(jnp.concatenate([fin_seqs, live_seqs], axis=1), best)[:, 0]
+  log_probs = _gather_beams(jnp.concatenate([fin_lp, live_lp], axis=1), best)[:, 0]
+  return BeamSearchOutput(seqs, _gather_beams(scores, best)[:, 0], log_probs)
+
+
+def beam_search(config: T5Config, params: Mapping[str, Any], encoder_input_tokens: Array,
+                max_decode_length: int, beam_size: int = 4, alpha: float = 0.6,
+                with_prompt: bool = False, eos_id: int = EOS_ID,
+                return_scores: bool = False) -> Array | BeamSearchOutput:
+  """Beam search with t5x's length penalty; the best sequence per example.
+
+  Returns tokens [batch, max_decode_length] (0-padded after EOS), or with `return_scores`
+  a BeamSearchOutput that also holds the penalised score and the raw log-probability. One
+  compiled program per (config, shapes, beam_size, with_prompt); alpha and eos_id are traced.
+  """
+  if beam_size < 1:
+    raise ValueError(f'beam_size must be >= 1, got {beam_size}.')
+  if alpha < 0:
+    raise ValueError(f'The length penalty alpha must be >= 0, got {alpha}.')
+  out = beam_search_jitted(config, params, encoder_input_tokens, max_decode_length, beam_size,
+                     jnp.float32(alpha), with_prompt, jnp.int32(eos_id))
+  return out if return_scores else out.tokens
+
+
+# ------------------------------------------------------------------- scoring / classification
+
+def shift_right(targets: Array) -> Array:
+  """Decoder inputs for teacher forcing: the start id 0, then targets without the last one."""
+  return jnp.pad(targets, [(0, 0)] * (targets.ndim - 1) + [(1, 0)])[..., :-1]
+
+
+def score_candidates(config: T5Config, params: Mapping[str, Any], encoder_input_tokens: Array,
+                     candidate_target_tokens: Array, with_prompt: bool = False) -> Array:
+  """Summed log-likelihood [batch, n_cand] of each candidate target (teacher forced).
+
+  encoder_input_tokens [batch, length]; candidate_target_tokens [batch, n_cand, target_length],
+  0-padded (include EOS in a candidate for it to count). The encoder runs once per example.
+  """
+  return _score_candidates(config, params, encoder_input_tokens, candidate_target_tokens,
+                           with_prompt)
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'with_prompt'))
+def _score_candidates(config: T5Config, params: Mapping[str, Any], encoder_input_tokens: Array,
+                      candidate_target_tokens: Array, with_prompt: bool) -> Array:
+  model = Transformer(config)
+  batch, n_cand, target_length = candidate_target_tokens.shape
+  encoded, valid = model.apply({'params': params}, encoder_input_tokens, with_prompt=with_prompt,
+                               method=Transformer.encode)
+  encoded, valid = jnp.repeat(encoded, n_cand, axis=0), jnp.repeat(valid, n_cand, axis=0)
+  targets = candidate_target_tokens.reshape(batch * n_cand, target_length).astype(jnp.int32)
+  logits = model.apply({'params': params}, encoded, valid, shift_right(targets), targets,
+                       method=Transformer.decode).astype(jnp.float32)
+  token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(targets > 0, token_lp, 0.0), axis=-1).reshape(batch, n_cand)
+
+
+def rank_classify(config: T5Config, params: Mapping[str, Any], encoder_input_tokens: Array,
+                  candidate_target_tokens: Array, with_prompt: bool = False) -> Array:
+  """Index [batch] of the most likely candidate (rank classification)."""
+  scores = score_candidates(config, params, encoder_input_tokens, candidate_target_tokens,
+                            with_prompt)
+  return jnp.argmax(scores, axis=-1)

@@ -1,0 +1,226 @@
+"""Building blocks of the T5 v1.1 / mT5 network, named as in t5x's parameter tree.
+
+Every parameter is created through `logical_param`, which attaches logical axis names
+('vocab', 'embed', 'mlp', 'heads', 'kv', 'joined_kv', 'relpos_buckets', ...) so that one
+table of rules (promot_jax.mesh) lays out any model size on any mesh.
+Kernels are stored 2-D ([in, out]) exactly as t5x stores them, so t5x checkpoints load
+without reshaping.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+BIG_NEG = -1e10
+
+
+def logical_param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
+           axes: tuple[str, ...]) -> Array:
+  """A float32 parameter carrying logical axis names (boxed at init, plain when applied)."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), jnp.float32)
+
+
+def constrain(x: Array, axes: tuple[str, ...]) -> Array:
+  """Logical sharding constraint on an activation (a no-op outside a mesh/rules context)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: scale only, no mean subtraction, no bias; computed in float32."""
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.asarray(x, jnp.float32)
+    scale = logical_param(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',))
+    var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    y = x * jax.lax.rsqrt(var + self.epsilon)
+    return jnp.asarray(y * scale, self.dtype)
+
+
+class Dense(nn.Module):
+  """A bias-free dense layer with a 2-D kernel [in, out] (t5x's DenseGeneral storage)."""
+  features: int
+  kernel_axes: tuple[str, str]
+  kernel_init: Initializer = default_kernel_init
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = logical_param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
+                    self.kernel_axes)
+    x = jnp.asarray(x, self.dtype)
+    return jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, embed] (t5x: token_embedder/embedding)."""
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> Array:
+    table = logical_param(self, 'embedding', nn.initializers.normal(stddev=1.0),
+                   (self.num_embeddings, self.features), ('vocab', 'embed'))
+    return jnp.asarray(jnp.take(table, tokens, axis=0), self.dtype)  # [batch, length, embed]
+
+  def attend(self, query: Array) -> Array:
+    """Logits by the transposed table (only for tied-embedding configs)."""
+    table = self.variables['params']['embedding']
+    return jnp.einsum('...e,ve->...v', query, jnp.asarray(table, self.dtype))
+
+
+class MlpBlock(nn.Module):
+  """Gated MLP: act_0(x W_0) * act_1(x W_1) -> dropout -> W_o (T5 v1.1's gated-GELU)."""
+  mlp_dim: int
+  activations: Sequence[str] = ('gelu', 'linear')
+  dropout_rate: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    emb = x.shape[-1]
+    h = None
+    for i, act in enumerate(self.activations):
+      y = Dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype, name=f'wi_{i}')(x)
+      y = y if act == 'linear' else getattr(nn, act)(y)  # nn.gelu is the tanh approximation
+      h = y if h is None else h * y
+    h = constrain(h, ('batch', 'length', 'mlp'))           # [batch, length, mlp]
+    h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
+    return Dense(emb, ('mlp', 'embed'), dtype=self.dtype, name='wo')(h)
+
+
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> np.ndarray:
+  """T5's log-spaced relative-position buckets (computed on the host: lengths are static)."""
+  n = -np.asarray(relative_position, np.int64)
+  ret = np.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(np.int64) * num_buckets
+    n = np.abs(n)
+  else:
+    n = np.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  with np.errstate(divide='ignore'):
+    large = max_exact + (
+        np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+        / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int64)
+  large = np.minimum(large, num_buckets - 1)
+  return ret + np.where(is_small, n, large)
+
+
+class RelativePositionBias(nn.Module):
+  """Per-head scalar bias by relative-position bucket, shared by all layers of a stack."""
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 128
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, qlen: int, klen: int, bidirectional: bool) -> Array:
+    rel = np.arange(klen)[None, :] - np.arange(qlen)[:, None]           # [q, k]
+    buckets = relative_position_bucket(rel, bidirectional, self.num_buckets, self.max_distance)
+    table = logical_param(self, 'rel_embedding',
+                   nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
+                   (self.num_heads, self.num_buckets), ('heads', 'relpos_buckets'))
+    bias = jnp.take(jnp.asarray(table, self.dtype), jnp.asarray(buckets), axis=1)  # [heads, q, k]
+    return bias[None]                                                   # [1, heads, q, k]
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention with t5x's parameter layout and key/value cache.
+
+  As in T5, no 1/sqrt(head_dim) factor appears in the forward pass: it is folded into the
+  query initialiser. With `decode=True` the keys/values of past positions live in the
+  'cache' collection and each call appends one position.
+  """
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  float32_logits: bool = True
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
+               bias: Optional[Array] = None, *, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    # inputs_q [batch, q_len, embed]; inputs_kv [batch, kv_len, embed];
+    # mask broadcastable to [batch, heads, q_len, kv_len]; bias to the same.
+    inner = self.num_heads * self.head_dim
+    depth_scaling = np.sqrt(self.head_dim).astype(np.float32)
+
+    def query_init(*args):
+      return default_kernel_init(*args) / depth_scaling
+
+    def project(name, x, init=default_kernel_init):
+      y = Dense(inner, ('embed', 'joined_kv'), kernel_init=init, dtype=self.dtype, name=name)(x)
+      return y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))  # [batch, len, heads, kv]
+
+    query = project('query', inputs_q, query_init)
+    key = project('key', inputs_kv)
+    value = project('value', inputs_kv)
+    query = constrain(query, ('batch', 'length', 'heads', 'kv'))
+    key = constrain(key, ('batch', 'length', 'heads', 'kv'))
+    value = constrain(value, ('batch', 'length', 'heads', 'kv'))
+
+    if decode:
+      key, value, mask, bias = self._update_cache(key, value, mask, bias)
+
+    if self.float32_logits:
+      query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)                  # [batch, heads, q, k]
+    if bias is not None:
+      logits = logits + bias.astype(logits.dtype)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.asarray(BIG_NEG, logits.dtype))
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, value.astype(self.dtype))  # [batch, q, heads, kv]
+    out = out.reshape(out.shape[:2] + (inner,))
+    return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), dtype=self.dtype, name='out')(out)
+
+  def _update_cache(self, key, value, mask, bias):
+    """Write this step's key/value at the cache index; attend to positions <= index."""
+    initialized = self.has_variable('cache', 'cached_key')
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+    cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+    if not initialized:  # the init call only sizes the cache: [batch, max_length, heads, kv]
+      return key, value, mask, bias
+    batch, max_length, heads, depth = cached_key.value.shape
+    if key.shape[1] != 1:
+      raise ValueError(f'Cached decoding takes one position per call, got {key.shape[1]}.')
+    index = cache_index.value
+    zero = jnp.array(0, jnp.int32)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (zero, index, zero, zero))
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, value, (zero, index, zero, zero))
+    cache_index.value = index + 1
+    step_mask = (jnp.arange(max_length) <= index)[None, None, None, :]  # [1, 1, 1, max_length]
+    mask = step_mask if mask is None else jnp.logical_and(mask, step_mask)
+    if bias is not None:  # bias holds all [max_length, max_length] rows; take this query's row
+      bias = jax.lax.dynamic_slice(bias, (zero, zero, index, zero),
+                                   (bias.shape[0], bias.shape[1], 1, bias.shape[3]))
+    return cached_key.value, cached_value.value, mask, bias
+
+
+def make_attention_mask(query_valid: Array, key_valid: Array) -> Array:
+  """[batch, q] x [batch, k] validity -> [batch, 1, q, k] boolean mask."""
+  return jnp.logical_and(query_valid[:, None, :, None], key_valid[:, None, None, :])
+
+
+def make_causal_mask(length: int) -> Array:
+  return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]  # [1, 1, q, k]

@@ -1,0 +1,170 @@
+"""`promot bench`: how fast promot_jax trains and decodes here, next to transformers.
+
+  promot bench                       # mT5-small shapes (batch 8, inputs 128, targets 16, prompt 100)
+  promot bench --quick --no-hf       # a tiny model, seconds: what the tests run
+  promot bench --json out.json --profile
+
+Sections (each a median over --repeats calls, compile time apart):
+  train   seconds per step of prompt_tuning, model_tuning and finetune (the trainer's jitted
+          step), tokens/s, optimizer-state bytes, XLA FLOPs and memory, peak host/device memory;
+          transformers full fine-tuning and PEFT prompt tuning at the same shapes, run
+          round-robin with the promot_jax steps so every ratio comes from one run
+  decode  greedy and beam search with the cache vs transformers' generate
+  data    seqio input pipeline examples/s
+  profile (--profile) where a step's time goes: forward / backward / optimizer, logits share
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Any, Callable, Optional
+
+import jax
+
+from promot_jax.tools.bench import hf_bench, jax_bench, profile as profile_lib
+from promot_jax.tools.bench.common import (PRESETS, BenchConfig, Timer, reset_peak_rss,
+                                           run_round_robin, synthetic_batch)
+
+
+def _load() -> Optional[list[float]]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def _environment() -> dict:
+  return {'machine': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
+          'jax': jax.__version__, 'backend': jax.default_backend(),
+          'devices': [str(d) for d in jax.devices()], 'load_average_start': _load(),
+          # glibc.malloc.hugetlb=1 when `promot` set it (promot_jax.host_memory); it
+          # applies to the whole process, so to transformers' side of a ratio as well
+          'glibc_tunables': os.environ.get('GLIBC_TUNABLES')}
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+  return a / b if a and b else None
+
+
+def ratios(result: dict) -> dict:
+  """The headline ratios (promot_jax / reference; < 1 means promot_jax is faster)."""
+  train, hf = result.get('train', {}), result.get('hf_train', {})
+  dec = result.get('decode', {})
+  s = lambda d, k: (d.get(k) or {}).get('step_s')  # noqa: E731
+  beam = f'beam{result["config"]["beam_size"]}'
+  return {
+      'prompt_tuning / hf_peft_prompt_tuning': _ratio(s(train, 'prompt_tuning'),
+                                                      s(hf, 'peft_prompt_tuning')),
+      'finetune / hf_full_finetune': _ratio(s(train, 'finetune'), s(hf, 'full_finetune')),
+      'prompt_tuning / model_tuning': _ratio(s(train, 'prompt_tuning'), s(train, 'model_tuning')),
+      'greedy / hf_greedy': _ratio(dec.get('promot_jax/greedy'), dec.get('hf/greedy')),
+      f'{beam} / hf_{beam}': _ratio(dec.get(f'promot_jax/{beam}'), dec.get(f'hf/{beam}')),
+  }
+
+
+def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode', 'data'),
+              profile: bool = False, log: Callable[[str], None] = print) -> dict:
+  """Run the benchmark sections; a JSON-serialisable dict of every figure."""
+  cfg = jax_bench.model_config(bc)
+  result: dict[str, Any] = {'config': bc.__dict__.copy(), 'environment': _environment()}
+  log(f'bench: {bc.model} batch {bc.batch}, inputs {bc.inputs}, targets {bc.targets}, '
+      f'prompt {bc.prompt_length}; devices {result["environment"]["devices"]}; '
+      f'load {result["environment"]["load_average_start"]}')
+  params = jax_bench.random_params(bc)
+  batch = synthetic_batch(bc, cfg.vocab_size)
+  if with_hf:
+    result['environment'].update(hf_bench.torch_info())
+
+  if 'train' in sections:
+    # Group 1: stage 1 vs stage 2 vs PEFT prompt tuning; group 2: finetune vs HF full.
+    result['train'], result['hf_train'], result['memory'] = {}, {}, {}
+    for group in (('prompt_tuning', 'model_tuning'), ('finetune',)):
+      reset_peak_rss()
+      timers, infos = jax_bench.train_step_timers(bc, params, batch, group, log)
+      hf_steps = {}
+      if with_hf:
+        name = 'peft_prompt_tuning' if 'prompt_tuning' in group else 'full_finetune'
+        build = (hf_bench.peft_prompt_tuning if 'prompt_tuning' in group
+                 else hf_bench.full_finetune)
+        stage = jax_bench.stage_for(group[0])
+        hf_steps[name] = build(cfg, bc, batch, stage)
+        timers.append(Timer(f'hf/{name}', hf_steps[name]))
+      log(f'train {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
+      run_round_robin(timers, bc.repeats, log)
+      result['train'].update(jax_bench.finish_train_rows(
+          [t for t in timers if t.name.startswith('promot_jax/')], infos))
+      for t in timers:
+        if t.name.startswith('hf/'):
+          name = t.name[3:]
+          result['hf_train'][name] = {
+              'step_s': t.median_s, 'first_call_s': t.first_s, 'step_times_s': t.times,
+              'optimizer_state_bytes': hf_bench.optimizer_state_bytes(hf_steps[name])}
+      result['memory'][' + '.join(group)] = jax_bench.memory_now()
+      del timers, hf_steps
+
+  if 'decode' in sections:
+    timers = jax_bench.decode_timers(bc, params, batch)
+    if with_hf:
+      timers += hf_bench.generate_timers(cfg, bc, batch)
+    log(f'decode {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
+    run_round_robin(timers, bc.repeats, log)
+    result['decode'] = {t.name: t.median_s for t in timers}
+    result['decode_tokens_per_s'] = {t.name: bc.batch * bc.decode_length / t.median_s
+                                     for t in timers}
+
+  if 'data' in sections:
+    log('data pipeline')
+    result['data'] = jax_bench.optional(lambda: jax_bench.data_pipeline(bc), log)
+    if result['data']:
+      log(f'  {result["data"]["examples_per_s"]:.0f} examples/s')
+
+  if profile:
+    log('profile: where a step\'s time goes')
+    result['profile'] = profile_lib.breakdown(bc, params, batch, log)
+
+  result['ratios'] = ratios(result)
+  result['environment']['load_average_end'] = _load()
+  return result
+
+
+def format_summary(result: dict) -> str:
+  """A short human-readable table of the headline figures."""
+  lines = ['', f'{"workload":<34}{"step s":>10}{"first s":>10}{"tokens/s":>11}{"opt bytes":>14}']
+  for name, row in (result.get('train') or {}).items():
+    lines.append(f'promot_jax {name:<23}{row["step_s"]:>10.3f}{row["first_call_s"]:>10.2f}'
+                 f'{row["tokens_per_s"]:>11.0f}{row["optimizer_state_bytes"]:>14,}')
+  for name, row in (result.get('hf_train') or {}).items():
+    lines.append(f'hf {name:<31}{row["step_s"]:>10.3f}{row["first_call_s"]:>10.2f}'
+                 f'{"":>11}{row["optimizer_state_bytes"]:>14,}')
+  for name, tps in (result.get('decode_tokens_per_s') or {}).items():
+    lines.append(f'decode {name:<27}{result["decode"][name]:>10.3f}{"":>10}{tps:>11.1f}')
+  if result.get('data'):
+    lines.append(f'data pipeline: {result["data"]["examples_per_s"]:.0f} examples/s')
+  lines.append('')
+  for name, r in result['ratios'].items():
+    lines.append(f'ratio {name:<44} {"-" if r is None else f"{r:.3f}"}')
+  env = result['environment']
+  lines.append(f'load average: start {env["load_average_start"]}, end {env["load_average_end"]}'
+               f' on {env["cpu_count"]} CPUs')
+  return '\n'.join(lines)
+
+
+def command(args: argparse.Namespace) -> int:
+  bc = PRESETS['quick' if args.quick else args.config]
+  overrides = {k: getattr(args, k) for k in ('batch', 'inputs', 'targets', 'prompt_length',
+                                             'repeats') if getattr(args, k) is not None}
+  bc = bc.replace(**overrides)
+  start = time.perf_counter()
+  result = run_bench(bc, with_hf=not args.no_hf, sections=tuple(args.sections.split(',')),
+                     profile=args.profile)
+  result['wall_s'] = time.perf_counter() - start
+  print(format_summary(result))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(result, f, indent=2)
+    print(f'wrote {args.json}')
+  return 0

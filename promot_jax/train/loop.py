@@ -1,0 +1,263 @@
+"""Runs one stage: starting parameters, sharded state, the jitted step loop, checkpoints.
+
+A stage starts from the run's pretrained checkpoint (prompt from its initialiser) or from
+the previous stage's kept checkpoint, or resumes from its own latest checkpoint in
+MODEL_DIR/<stage>/ with the data iterator at the same position. Everything the step
+touches is laid out by the logical axis rules on the (data, model) mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from promot_jax import mesh as partitioning, tree_util
+from promot_jax.checkpoints import loading, orbax_io
+from promot_jax.checkpoints.manager import CorruptCheckpointError, StageCheckpoints
+from promot_jax.data import pipeline as data
+from promot_jax.eval import task as eval_task
+from promot_jax.model import prompt, transformer as model
+from promot_jax.train import probes, sharding
+from promot_jax.train.preemption import Preempted, StopRequest
+from promot_jax.train.progress import Progress
+from promot_jax.train.run_config import RunConfig
+from promot_jax.train.stages import Stage, merge_params, split_params
+from promot_jax.train.step import TrainState, make_eval_step
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+  exit_code = 3   # what `promot` exits with
+
+
+def _prepare_starting_params(run: RunConfig, stage: Stage, previous: Optional[Stage],
+                             log: Callable[[str], None]) -> dict:
+  """The parameters a fresh stage starts from (numpy), with the prompt it needs."""
+  cfg = run.model_config
+  if stage.start_from == 'previous':
+    path = run.previous_checkpoint_path
+    if not path:
+      if previous is None:
+        raise ValueError(f'Stage {stage.name} starts from the previous stage, but it is the first '
+                         'stage of the run. Put a prompt_tuning stage before it or set '
+                         'PREVIOUS_CHECKPOINT_PATH to a stage-1 checkpoint.')
+      kept = StageCheckpoints(os.path.join(run.model_dir, previous.name)).kept()
+      if not kept or not os.path.isdir(kept['path']):
+        raise ValueError(
+            f'Stage {stage.name} starts from the kept checkpoint of stage {previous.name}, but '
+            f'{os.path.join(run.model_dir, previous.name)} has none. Run stage {previous.name} '
+            'first (promot run runs both), or set PREVIOUS_CHECKPOINT_PATH to a checkpoint.')
+      path = kept['path']
+    log(f'starting from {path}')
+    found_cfg = orbax_io.read_config(path) if orbax_io.is_orbax_checkpoint(path) else None
+    if found_cfg is not None:
+      _check_prompt_length(found_cfg.prompt_length, cfg.prompt_length, path)
+    _, params = loading.load_pretrained(path, cfg)
+  elif run.initial_checkpoint_path:
+    log(f'starting from pretrained {run.initial_checkpoint_path}')
+    _, params = loading.load_pretrained(run.initial_checkpoint_path, cfg)
+  else:
+    log('starting from random weights (no INITIAL_CHECKPOINT_PATH)')
+    params = jax.tree_util.tree_map(np.asarray, model.init_params(
+        cfg.replace(prompt_length=0), jax.random.PRNGKey(run.seed)))
+  if prompt.has_prompt(params):
+    _check_prompt_length(prompt.get_prompt(params).shape[0], cfg.prompt_length, 'the checkpoint')
+  needs_prompt = stage.with_prompt or stage.is_trainable('prompt/prompt')
+  if needs_prompt and cfg.prompt_length <= 0:
+    raise ValueError(f'Stage {stage.name} uses the prompt but PROMPT_LENGTH is 0; set '
+                     '--gin.PROMPT_LENGTH=100 (the paper uses 100).')
+  if needs_prompt and not prompt.has_prompt(params):
+    log(f'initialising a [{cfg.prompt_length}, {cfg.emb_dim}] prompt ({run.prompt_init})')
+    params = prompt.initialize_prompt(
+        params, cfg.prompt_length, run.prompt_init, rng=jax.random.PRNGKey(run.seed + 1),
+        path=run.prompt_init_file, class_label_ids=run.class_label_ids())
+  return params
+
+
+def _check_prompt_length(found: int, expected: int, source: str) -> None:
+  if found != expected and found > 0:
+    raise ValueError(f'{source} holds a prompt of length {found} but PROMPT_LENGTH is {expected}; '
+                     f'set --gin.PROMPT_LENGTH={found} (a prompt cannot change length between '
+                     'stages).')
+
+
+def validate(run: RunConfig, stage: Stage, eval_fn: Callable, params: Any, mesh) -> dict:
+  """Teacher-forced validation metrics over the validation split (or EVAL_BATCHES of it)."""
+  it = data.make_batch_iterator(
+      run.validation_task or run.mixture_or_task_name, run.task_feature_lengths,
+      run.validation_split, run.batch_size, seed=run.seed, shuffle=False, repeat=False,
+      drop_remainder=False)
+  totals: dict[str, float] = {}
+  for i, batch in enumerate(it):
+    if run.eval_batches is not None and i >= run.eval_batches:
+      break
+    batch = data.pad_batch(batch, run.batch_size // jax.process_count())
+    out = jax.device_get(eval_fn(params, partitioning.global_batch_from_host(batch, mesh)))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  if not totals or totals['num_tokens'] == 0:
+    raise ValueError(f'The validation split {run.validation_split!r} of '
+                     f'{run.validation_task or run.mixture_or_task_name} gave no examples.')
+  return {'validation/loss': totals['loss_sum'] / totals['num_tokens'],
+          'validation/token_accuracy': totals['correct_tokens'] / totals['num_tokens'],
+          'validation/sequence_accuracy': totals['correct_sequences'] / totals['num_sequences'],
+          'validation/num_sequences': totals['num_sequences']}
+
+
+def _stopped_before(stage: Stage, step: int, signal_name: str) -> Preempted:
+  return Preempted(f'stage {stage.name} stopped before step {step + 1}/{stage.train_steps} on '
+                   f'{signal_name}; run the same command again to resume.')
+
+
+def train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage] = None,
+                stop: Optional[StopRequest] = None) -> dict:
+  """Run (or resume, or skip if finished) one stage; returns its summary incl. the kept step.
+
+  `stop`: the run's StopRequest (runner.run_stages holds one across all stages, so a signal
+  between stages is seen too); by default the stage installs its own.
+  """
+  with contextlib.nullcontext(stop) if stop is not None else StopRequest() as stop:
+    return _train_stage(run, stage, mesh, previous, stop)
+
+
+def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
+                 stop: StopRequest) -> dict:
+  stage.validate()
+  cfg, rules = run.model_config, run.rules()
+  stage_dir = os.path.join(run.model_dir, stage.name)
+  ckpts = StageCheckpoints(stage_dir, stage.keep_latest, stage.keep_metric, stage.keep_mode)
+  progress = Progress(stage.name, stage.train_steps, 0, 0)
+  if ckpts.is_done(stage.train_steps):
+    progress.log(f'already finished; kept checkpoint: {ckpts.kept()}')
+    return {'stage': stage.name, 'kept': ckpts.kept(), 'skipped': True}
+  if jax.process_count() == 1 and stop.signal_name is not None:  # signalled between stages
+    raise _stopped_before(stage, 0, stop.signal_name)
+  for name in ckpts.clean_partial():
+    progress.log(f'removed an incomplete checkpoint left by a crash: {name}')
+  partitioning.check_batch_divisible(run.batch_size, mesh)
+
+  # Resume from the newest checkpoint that reads back; damaged newer ones are set aside
+  # (renamed *.corrupt, never deleted) once an older one has restored. If none restores,
+  # stop with an error rather than silently starting over (docs/RELIABILITY.md).
+  latest, restored, failures = None, None, []
+  for candidate in reversed(ckpts.steps()):
+    try:
+      params = ckpts.param_shapes(candidate)  # shapes only; restored below
+      sharded = sharding.build_sharded_step(cfg, stage, mesh, rules, params,
+                                            run.loss_normalizing_factor)
+      restored = ckpts.restore(candidate, *sharding.abstract_on_mesh(sharded, params, stage))
+      latest = candidate
+      break
+    except CorruptCheckpointError as e:
+      failures.append((candidate, str(e)))
+      progress.log(f'WARNING: cannot resume from {ckpts.path(candidate)}, trying an older '
+                   f'checkpoint: {e}')
+  if failures and restored is None:
+    listing = '; '.join(f'{ckpts.path(s)}: {err}' for s, err in failures)
+    raise CorruptCheckpointError(
+        f'Stage {stage.name}: none of its {len(failures)} checkpoint(s) could be restored, so '
+        f'it neither resumes nor starts over by itself ({listing}). If the model or optimizer '
+        'settings changed since they were written, restore them or use a new MODEL_DIR; if the '
+        'checkpoints are damaged, move them out of the stage directory to start the stage '
+        'from scratch.')
+  for step_, err in failures:
+    moved = ckpts.set_aside(step_, err)
+    progress.log(f'WARNING: set aside the unreadable checkpoint {ckpts.path(step_)} as {moved} '
+                 f'(not deleted; inspect or remove it); resuming from step {latest} instead.')
+
+  if restored is None:
+    params = _prepare_starting_params(run, stage, previous, progress.log)
+    sharded = sharding.build_sharded_step(cfg, stage, mesh, rules, params,
+                                          run.loss_normalizing_factor)
+    trainable, frozen = sharding.place_params(sharded, params, stage)
+    state = sharding.init_state_on_mesh(sharded, trainable)
+    data_state = {'batches_consumed': 0}
+    progress.log(f'fresh start: {tree_util.count_params(trainable):,} trainable / '
+                 f'{tree_util.count_params(frozen):,} frozen parameters')
+  else:
+    restored_params, opt_state, saved = restored
+    trainable, frozen = split_params(restored_params, stage)
+    state = TrainState(step=jax.device_put(np.int32(latest), partitioning.replicated(mesh)),
+                       trainable=trainable, opt_state=opt_state)
+    data_state = saved.get('data', {'batches_consumed': latest})
+    progress.log(f'resuming from {ckpts.path(latest)} (step {latest})')
+
+  start = int(jax.device_get(state.step))
+  progress.open_tensorboard(os.path.join(stage_dir, 'tb'))
+  it = data.make_batch_iterator(run.mixture_or_task_name, run.task_feature_lengths, 'train',
+                                run.batch_size, seed=run.seed, shuffle=True, repeat=True,
+                                start_batch=data_state['batches_consumed'])
+  step_fn = sharded.step_fn
+  eval_fn = jax.jit(make_eval_step(cfg, stage))
+  rng = jax.random.PRNGKey(run.seed + 1000 * (1 + run.stage_index(stage.name)))
+  lengths = run.task_feature_lengths
+  trained_task = run.validation_task or run.mixture_or_task_name
+  probe_label_set = probes.probe_labels(trained_task, run.format_labels)
+  probes.check_probes(run.format_probe_tasks, probe_label_set, trained_task)
+  progress.tokens_per_step = run.batch_size * (lengths['inputs'] + lengths['targets'] + (
+      cfg.prompt_length if stage.with_prompt else 0))
+  progress._last_step, progress._last_time = start, time.perf_counter()
+  last_metrics: dict = {}
+
+  def checkpoint(done: int, validate_too: bool = True) -> None:
+    full = merge_params(state.trainable, frozen)
+    ckpts.save(done, full, state.opt_state, cfg,
+               {'data': it.state(), 'stage': stage.name, 'train_metrics': last_metrics})
+    if validate_too:
+      val = validate(run, stage, eval_fn, full, mesh)
+      if stage.keep_metric.startswith('validation/decode_'):
+        # The same decoding + post-processing + metric code as `promot eval`.
+        val.update(eval_task.validation_metrics(
+            cfg, full, run.validation_task or run.mixture_or_task_name, run.validation_split,
+            task_feature_lengths=run.task_feature_lengths, batch_size=run.batch_size,
+            max_examples=run.eval_batches * run.batch_size if run.eval_batches else None,
+            with_prompt=stage.with_prompt, decoding_method='greedy'))
+      if run.format_probe_tasks:
+        val.update(probes.format_probe_metrics(
+            cfg, full, run.format_probe_tasks, probe_label_set,
+            task_feature_lengths=run.task_feature_lengths, batch_size=run.batch_size,
+            max_examples=run.format_probe_examples))
+      ckpts.update_metrics(done, val)
+      progress.scalars(done, val)
+      progress.log('checkpoint ' + ckpts.path(done) + '  ' +
+                   '  '.join(f'{k.removeprefix("validation/")} {v:.4f}' for k, v in val.items()))
+
+  skipped = 0
+  if start < stage.train_steps and stop.should_stop(start):  # signalled during the set-up
+    raise _stopped_before(stage, start, stop.signal_name)
+  for step in range(start, stage.train_steps):
+    batch = partitioning.global_batch_from_host(next(it), mesh)
+    state, metrics = step_fn(state, frozen, batch, rng)
+    done = step + 1
+    if not bool(metrics['finite']):  # the step left the state untouched (train/step.py)
+      if run.nonfinite_policy != 'skip':
+        raise TrainingError(
+            f'Stage {stage.name}: non-finite loss or gradient at step {done} (loss '
+            f'{float(metrics["loss"])}). Nothing was updated by that step; the last good '
+            f'checkpoint is {ckpts.path(ckpts.latest()) if ckpts.latest() else "(none yet)"}. '
+            "Lower the learning rate, check the data, or set NONFINITE_POLICY = 'skip'.")
+      skipped += 1
+      progress.log(f'step {done}: non-finite loss or gradient, batch skipped ({skipped} so far)')
+    if done % run.log_every == 0 or done == stage.train_steps or \
+        done % stage.checkpoint_period == 0:
+      last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
+      progress.step(done, dict(last_metrics, skipped_batches=skipped), stage.learning_rate)
+    if done % stage.checkpoint_period == 0 or done == stage.train_steps:
+      checkpoint(done)
+    elif stop.should_stop(done):
+      checkpoint(done, validate_too=False)
+    if stop.signal_name is not None and done < stage.train_steps:
+      progress.log(f'{stop.signal_name} received: stopped after step {done} with a checkpoint '
+                   'at ' + ckpts.path(done))
+      raise Preempted(f'stage {stage.name} stopped at step {done}/{stage.train_steps} on '
+                      f'{stop.signal_name}; run the same command again to resume.')
+  kept = ckpts.kept()
+  ckpts.mark_done({'train_steps': stage.train_steps, 'kept': kept})
+  progress.log(f'done; kept checkpoint {kept}')
+  progress.close()
+  return {'stage': stage.name, 'kept': kept, 'final_train_metrics': last_metrics}

@@ -1,0 +1,39 @@
+"""The optimizer of a stage, built only over its trainable subtree.
+
+Adafactor with factored second moments and t5x-like settings (decay 0.8, update clipping
+1.0, constant learning rate): optax's arithmetic and state, reductions written for speed
+(`train/adafactor.py`). In the joint stage the prompt and the weights train together;
+the prompt then gets Adafactor without parameter scaling, the weights with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import optax
+
+from promot_jax import tree_util
+from promot_jax.train import adafactor
+from promot_jax.train.stages import Stage
+
+
+def _base(stage: Stage, scale_by_param: bool) -> optax.GradientTransformation:
+  if stage.optimizer == 'adafactor':
+    return adafactor.adafactor(learning_rate=stage.learning_rate, decay_rate=stage.decay_rate,
+                               multiply_by_parameter_scale=scale_by_param,
+                               clipping_threshold=1.0, min_dim_size_to_factor=128)
+  if stage.optimizer == 'adam':
+    return optax.adam(stage.learning_rate)
+  return optax.sgd(stage.learning_rate)
+
+
+def make_optimizer(stage: Stage, trainable: Mapping[str, Any]) -> optax.GradientTransformation:
+  """The stage's optimizer for the `trainable` tree (which may or may not include the prompt)."""
+  has_prompt = 'prompt' in trainable
+  has_weights = any(k != 'prompt' for k in trainable)
+  if has_prompt and has_weights and stage.multiply_by_parameter_scale:
+    labels = tree_util.map_with_path(
+        lambda path, _: 'prompt' if path.startswith('prompt/') else 'weights', trainable)
+    return optax.multi_transform({'prompt': _base(stage, False), 'weights': _base(stage, True)},
+                                 labels)
+  return _base(stage, stage.multiply_by_parameter_scale)

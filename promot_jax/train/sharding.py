@@ -1,0 +1,124 @@
+"""Laying a stage's step out on the mesh: one builder for the trainer, the plan and the bench.
+
+`build_sharded_step` splits the parameters into the stage's trainable and frozen parts,
+derives every sharding from the logical axis rules (parameters, Adafactor's factored
+moments, batches) and jits the train step with them; `place_params` and
+`init_state_on_mesh` put a stage's starting parameters and fresh optimizer state there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from promot_jax import mesh as partitioning, tree_util
+from promot_jax.model import stacking, transformer
+from promot_jax.train.optimizer import make_optimizer
+from promot_jax.train.stages import Stage, merge_params, split_params
+from promot_jax.train.step import FEATURES, TrainState, make_train_step
+
+
+def opt_state_shardings(abstract_opt_state: Any, abstract_trainable: Any, trainable_specs: Any,
+                         mesh, rules) -> Any:
+  """Shard each optimizer-state leaf like the parameter it belongs to.
+
+  Optimizer states mirror the parameter tree under their own containers, so a leaf's dict
+  keys name its parameter. Adafactor's factored moments drop one dimension of it (v_row:
+  the last, v_col: the second to last) and their specs drop the same axis. Anything else
+  (counts, placeholders) is replicated.
+  """
+  flat_specs = tree_util.flatten(trainable_specs)
+  shapes = {p: tuple(v.shape) for p, v in tree_util.flatten(abstract_trainable).items()}
+
+  def sharding_for(path, leaf):
+    name = '/'.join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+    fields = {k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)}
+    if name not in flat_specs or not leaf.shape:
+      return partitioning.replicated(mesh)
+    spec, shape = tuple(flat_specs[name]), shapes[name]
+    # Adafactor (optax) factors a matrix along its two largest axes: v_row drops the largest
+    # (argsort's last), v_col the second largest; each keeps the other axes' layout.
+    if fields & {'v_row', 'v_col'} and len(shape) >= 2:
+      second, largest = np.argsort(shape)[-2:]
+      drop = largest if 'v_row' in fields else second
+      if leaf.shape != tuple(np.delete(shape, drop)):
+        return partitioning.replicated(mesh)
+      logical = tuple(a for i, a in enumerate(spec) if i != drop)
+    elif leaf.shape == shape:
+      logical = spec
+    else:
+      return partitioning.replicated(mesh)
+    return partitioning.logical_to_sharding(jax.sharding.PartitionSpec(*logical), mesh, rules)
+
+  return jax.tree_util.tree_map_with_path(sharding_for, abstract_opt_state)
+
+
+@dataclasses.dataclass
+class ShardedStep:
+  """Everything the jitted step needs laid out on the mesh (also used by planning and tests)."""
+  optimizer: optax.GradientTransformation
+  trainable_sharding: Any
+  frozen_sharding: Any
+  state_sharding: TrainState
+  abstract_opt_state: Any
+  step_fn: Callable   # jitted: (state, frozen, batch, rng) -> (state, metrics); state donated
+
+
+def build_sharded_step(cfg, stage: Stage, mesh, rules, params: Any,
+                       loss_normalizing_factor: Optional[float] = None) -> ShardedStep:
+  """Split `params` (arrays or ShapeDtypeStructs) for `stage` and jit its step with shardings.
+
+  The one step builder: the trainer, `promot plan` and `promot bench` all call it. `params`
+  may be the t5x tree or the stacked (scanned-layer) tree; its logical axes follow it. With
+  the stacked tree Adafactor's parameter scale and update clipping see a whole stack, not
+  one layer, so training differs slightly from the unscanned step (memory and FLOPs match).
+  """
+  specs = tree_util.flatten(transformer.logical_axes(cfg, stacked=stacking.is_stacked(params)))
+  specs = tree_util.unflatten({p: specs[p] for p in tree_util.flatten(params)})
+  trainable, _ = split_params(params, stage)
+  t_specs, f_specs = split_params(specs, stage)
+  t_shard = partitioning.logical_to_sharding(t_specs, mesh, rules)
+  f_shard = partitioning.logical_to_sharding(f_specs, mesh, rules)
+  optimizer = make_optimizer(stage, trainable)
+  abstract_trainable = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                              trainable)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
+  opt_shard = opt_state_shardings(abstract_opt, abstract_trainable, t_specs, mesh, rules)
+  state_shard = TrainState(step=partitioning.replicated(mesh), trainable=t_shard,
+                           opt_state=opt_shard)
+  batch_shard = {k: partitioning.data_sharding(mesh) for k in FEATURES}
+  step_fn = jax.jit(make_train_step(cfg, stage, optimizer, loss_normalizing_factor),
+                    in_shardings=(state_shard, f_shard, batch_shard, partitioning.replicated(mesh)),
+                    out_shardings=(state_shard, partitioning.replicated(mesh)),
+                    donate_argnums=(0,))
+  return ShardedStep(optimizer, t_shard, f_shard, state_shard, abstract_opt, step_fn)
+
+
+def init_state_on_mesh(sharded: ShardedStep, trainable: Any) -> TrainState:
+  """A fresh TrainState (step 0, new optimizer state) laid out by `sharded`'s shardings."""
+  optimizer = sharded.optimizer
+  return jax.jit(lambda t: TrainState(jnp.zeros((), jnp.int32), t, optimizer.init(t)),
+                 out_shardings=sharded.state_sharding)(trainable)
+
+
+def place_params(sharded: ShardedStep, params: Any, stage: Stage) -> tuple[Any, Any]:
+  """(trainable, frozen) of host `params` put on the mesh with `sharded`'s shardings."""
+  trainable, frozen = split_params(params, stage)
+  return (jax.device_put(trainable, sharded.trainable_sharding),
+          jax.device_put(frozen, sharded.frozen_sharding))
+
+
+def abstract_on_mesh(sharded: ShardedStep, params: Any, stage: Stage) -> tuple[Any, Any]:
+  """(all parameters, optimizer state) as ShapeDtypeStructs carrying their mesh shardings:
+  the restore targets of a stage's checkpoint."""
+  with_sharding = lambda tree, shardings: jax.tree_util.tree_map(  # noqa: E731
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+  trainable, frozen = split_params(params, stage)
+  return (merge_params(with_sharding(trainable, sharded.trainable_sharding),
+                       with_sharding(frozen, sharded.frozen_sharding)),
+          with_sharding(sharded.abstract_opt_state, sharded.state_sharding.opt_state))
