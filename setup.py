@@ -54,6 +54,7 @@ setup(
         'sacrebleu>=2.4',             # BLEU
         'rouge-score>=0.1.2',         # Rouge-2
         'matplotlib>=3.8,<4',         # promot report's charts
+        'gcsfs>=2025.1',              # gs:// run directories (etils.epath's fsspec backend)
     ],
     extras_require={
         'test': [
@@ -65,6 +66,7 @@ setup(
             'safetensors>=0.4',
             'peft>=0.21,<0.22',       # export: the prompt as a PEFT prompt-tuning adapter
             'lm-eval>=0.4.13,<0.5',   # the lm-evaluation-harness adapter
+            'gcp-storage-emulator>=2024.8',   # gs:// run directories, tested on a local emulator
         ],
         'lm_eval': ['lm-eval>=0.4.13,<0.5'],   # promot lm-eval
         'tpu': [f'jax[tpu]=={JAX_VERSION}'],

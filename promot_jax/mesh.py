@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LogicalRules = Sequence[tuple[str, Optional[str]]]
@@ -43,13 +44,48 @@ def standard_logical_axis_rules(additional_rules: LogicalRules = ()) -> tuple:
 
 
 def make_mesh(num_partitions: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A (data, model) mesh over all devices (all hosts); `num_partitions` devices per model shard."""
+  """A (data, model) mesh over all devices (all hosts); `num_partitions` devices per model shard.
+
+  On TPU the layout follows the physical torus (jax's mesh_utils, as t5x and MaxText do),
+  across slices a hybrid mesh (the data axis spans slices, the model axis stays inside one).
+  Elsewhere devices are ordered by (process, id), so a model group fills one host before it
+  spans the next.
+  """
   devices = list(jax.devices() if devices is None else devices)
   if num_partitions < 1 or len(devices) % num_partitions:
     raise ValueError(f'num_partitions={num_partitions} must divide the {len(devices)} devices; '
                      f'choose one of {[d for d in range(1, len(devices) + 1) if len(devices) % d == 0]}.')
-  grid = np.asarray(devices).reshape(len(devices) // num_partitions, num_partitions)
+  data = len(devices) // num_partitions
+  if devices[0].platform == 'tpu':
+    slices = len({getattr(d, 'slice_index', 0) for d in devices})
+    if slices > 1:
+      grid = mesh_utils.create_hybrid_device_mesh((data // slices, num_partitions), (slices, 1),
+                                                  devices)
+    else:
+      grid = mesh_utils.create_device_mesh((data, num_partitions), devices)
+  else:
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.asarray(ordered).reshape(data, num_partitions)
   return Mesh(grid, ('data', 'model'))
+
+
+def host_data_shard(mesh: Mesh, process_index: Optional[int] = None) -> tuple[int, int]:
+  """(shard index, number of shards) of the global batch that one process reads.
+
+  A process feeds the rows of the 'data' positions its devices hold. When the model axis spans
+  several processes, those processes hold the same positions and so read the same shard (what
+  jax.make_array_from_process_local_data expects); otherwise each reads its own.
+  """
+  me = jax.process_index() if process_index is None else process_index
+  positions = sorted({i for (i, _), d in np.ndenumerate(mesh.devices) if d.process_index == me})
+  if not positions:
+    raise ValueError(f'Process {me} holds no device of the mesh.')
+  count, data = len(positions), mesh.shape['data']
+  if positions != list(range(positions[0], positions[0] + count)) or positions[0] % count:
+    raise ValueError(f'Process {me} holds data positions {positions} of {data}: not one '
+                     'aligned block, so its rows of a batch are not one shard. Use a '
+                     'NUM_PARTITIONS that divides the devices per host, or a multiple of it.')
+  return positions[0] // count, data // count
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules: LogicalRules) -> Any:
@@ -78,8 +114,10 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
 
 
 def global_batch_from_host(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assemble each host's slice of the batch into global arrays sharded over 'data'."""
+  """Assemble each host's shard of the batch (host_data_shard) into global arrays over 'data'."""
   sharding = data_sharding(mesh)
   if jax.process_count() == 1:
     return {k: jax.device_put(v, sharding) for k, v in host_batch.items()}
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
+  _, num_shards = host_data_shard(mesh)
+  return {k: jax.make_array_from_process_local_data(
+      sharding, v, (v.shape[0] * num_shards,) + v.shape[1:]) for k, v in host_batch.items()}

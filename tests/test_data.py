@@ -91,6 +91,17 @@ def test_shards_split_the_examples():
   assert len(rows0 & rows1) <= 2  # short digit strings may repeat; whole batches must not
 
 
+def test_shards_are_row_blocks_of_the_same_global_batches():
+  """The global batches do not depend on how many hosts read them (the data layout)."""
+  whole = _take(_iterator(), 3)
+  for num_shards in (2, 4):
+    parts = [_take(_iterator(shard_index=i, num_shards=num_shards), 3) for i in range(num_shards)]
+    for step, batch in enumerate(whole):
+      for key in batch:
+        joined = np.concatenate([p[step][key] for p in parts])
+        np.testing.assert_array_equal(joined, batch[key])
+
+
 def test_unknown_task_names_close_matches():
   with pytest.raises(ValueError, match=r"toy_sortd.*toy_sorted.*import promot_tasks\.toy"):
     _iterator('toy_sortd')

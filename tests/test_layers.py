@@ -17,7 +17,7 @@ PACKAGE = os.path.join(ROOT, 'promot_jax')
 
 # Lowest first. A module may import its own layer and the ones before it.
 LAYERS = (
-    ('base', ('promot_jax.tree_util', 'promot_jax.mesh', 'promot_jax.host_memory',
+    ('base', ('promot_jax.tree_util', 'promot_jax.mesh', 'promot_jax.host_memory', 'promot_jax.paths',
               'promot_jax.resources')),
     ('model', ('promot_jax.model',)),
     ('checkpoints', ('promot_jax.checkpoints',)),

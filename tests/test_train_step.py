@@ -171,3 +171,33 @@ def test_dropout_masks_do_not_depend_on_the_device_layout():
   done = subprocess.run([sys.executable, '-c', _RBG_SHARDING_SCRIPT], capture_output=True,
                         text=True, env=env, timeout=300)
   assert done.returncode == 0 and 'same masks' in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize('stage_name', ['prompt_tuning', 'model_tuning'])
+def test_a_poisoned_batch_leaves_finite_parameters_and_optimizer_state_untouched(
+    tiny_prompt_config, tiny_params, stage_name):
+  """From finite parameters, one batch whose loss is not finite (a NaN loss weight) changes
+  nothing: parameters and optimizer state are bit-identical after it, and the next good batch
+  trains as if the bad one had never come."""
+  stage = {'prompt_tuning': stages.prompt_tuning(learning_rate=0.3),
+           'model_tuning': stages.model_tuning(dropout_rate=0.0, learning_rate=1e-2)}[stage_name]
+  trainable, frozen = stages.split_params(tiny_params, stage)
+  optimizer = make_optimizer(stage, trainable)
+  step = jax.jit(make_train_step(tiny_prompt_config, stage, optimizer))
+  float_batch = lambda i: {**toy_batch(i), 'decoder_loss_weights':  # noqa: E731
+                           toy_batch(i)['decoder_loss_weights'].astype(np.float32)}
+  rng = jax.random.PRNGKey(0)
+  state, _ = step(init_train_state(trainable, optimizer), frozen, float_batch(0), rng)
+  before = jax.tree_util.tree_map(np.asarray, (state.trainable, state.opt_state))
+  poisoned = float_batch(1)
+  poisoned['decoder_loss_weights'][0, 0] = np.nan
+  bad_state, metrics = step(state, frozen, poisoned, rng)
+  assert not bool(metrics['finite']) and not np.isfinite(float(metrics['loss']))
+  after = jax.tree_util.tree_map(np.asarray, (bad_state.trainable, bad_state.opt_state))
+  for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+    np.testing.assert_array_equal(x, y)
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(after))
+  # the next good batch: the same update as from the state before the bad one
+  good_after_bad, m1 = step(bad_state, frozen, float_batch(2), rng)
+  assert bool(m1['finite'])
+  assert_same(good_after_bad.trainable, state.trainable, same=False)

@@ -105,7 +105,8 @@ def test_prompt_length_differing_from_the_stage1_checkpoint(finished_run, pretra
                    '--stage', 'model_tuning']) == 2
   err = capsys.readouterr().err
   assert 'prompt of length 4' in err and 'PROMPT_LENGTH=4' in err
-  assert listing(finished_run) == before
+  assert listing(finished_run) == before          # the stage-1 run it read from
+  assert not os.path.exists(tmp_path / 'fresh')   # the command's own MODEL_DIR: never made
 
 
 def test_stage2_without_a_stage1_checkpoint_is_a_clear_error(tmp_path, pretrained, capsys):
@@ -113,7 +114,7 @@ def test_stage2_without_a_stage1_checkpoint_is_a_clear_error(tmp_path, pretraine
                    '--stage', 'model_tuning']) == 2
   err = capsys.readouterr().err
   assert 'prompt_tuning' in err and 'has none' in err
-  assert not os.path.exists(tmp_path / 'empty' / 'model_tuning' / 'checkpoint_10')
+  assert not os.path.exists(tmp_path / 'empty')   # nothing written, not even run.json
 
 
 def test_resumed_stage_equals_an_uninterrupted_one(tmp_path, pretrained):

@@ -8,12 +8,11 @@ from the parameter shapes (or checked against the one given).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from promot_jax import tree_util
+from promot_jax import paths, tree_util
 from promot_jax.checkpoints import hf, orbax_io, t5x
 from promot_jax.model import transformer as model
 from promot_jax.model.config import T5Config
@@ -23,7 +22,7 @@ FORMATS = ('auto', 'hf', 't5x', 'orbax')
 
 def detect_format(path: str) -> str:
   """'hf', 't5x' or 'orbax'; a clear error when the path is none of them."""
-  if not path.startswith('gs://') and not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f'No checkpoint at {path}: the path does not exist.')
   if orbax_io.is_orbax_checkpoint(path):
     return 'orbax'
@@ -31,7 +30,7 @@ def detect_format(path: str) -> str:
     return 't5x'  # a t5x model dir: load_t5x_params names the checkpoint_<step> to pass
   if hf.is_hf_checkpoint(path):
     return 'hf'
-  listing = sorted(os.listdir(path))[:12] if os.path.isdir(path) else []
+  listing = paths.listdir(path)[:12]
   raise ValueError(
       f'{path} is not a checkpoint promot_jax can read. Expected one of: a Hugging Face model '
       'directory (config.json + model.safetensors or pytorch_model.bin), a t5x checkpoint '

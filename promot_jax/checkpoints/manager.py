@@ -22,9 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import re
-import shutil
 from typing import Any, Mapping, Optional
 
 import jax
@@ -32,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from promot_jax import paths
 from promot_jax.checkpoints import orbax_io
 from promot_jax.model import prompt as prompt_lib
 from promot_jax.model.config import T5Config
@@ -64,39 +63,30 @@ def read_history(stage_dir: str) -> list[dict]:
   A step validated twice (a resumed run) keeps its last line; a torn last line is skipped.
   """
   by_step: dict[int, dict] = {}
-  path = os.path.join(stage_dir, HISTORY_FILE)
-  if not os.path.exists(path):
+  path = paths.join(stage_dir, HISTORY_FILE)
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(row, dict) and isinstance(row.get('step'), int):
-        by_step[row['step']] = row
+  for line in paths.read_text(path).splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and isinstance(row.get('step'), int):
+      by_step[row['step']] = row
   return [by_step[s] for s in sorted(by_step)]
 
 
 def write_json(path: str, value: Any) -> None:
-  tmp = path + '.tmp'
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Write a JSON file whole (paths.write_json: a reader never sees half of it)."""
+  paths.write_json(path, value)
 
 
 def _read_json(path: str) -> Optional[dict]:
   """The JSON object in `path`, None if there is no such file; CheckpointError if unreadable."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    return paths.read_json(path)
   except (OSError, UnicodeDecodeError, ValueError) as e:
     raise CheckpointError(f'Cannot read {path}: {type(e).__name__}: {e}. Fix or move the file '
                           'aside and rerun.') from e
@@ -125,23 +115,21 @@ class StageCheckpoints:
 
   def __init__(self, stage_dir: str, keep_latest: int = 2, keep_metric: Optional[str] = None,
                keep_mode: str = 'max'):
-    self.dir = os.path.abspath(stage_dir)
+    self.dir = paths.absolute(stage_dir)
     self.keep_latest = keep_latest
     self.keep_metric = keep_metric
     self.keep_mode = keep_mode
 
   # ---- listing -------------------------------------------------------------------------------
   def path(self, step: int) -> str:
-    return os.path.join(self.dir, f'checkpoint_{step}')
+    return paths.join(self.dir, f'checkpoint_{step}')
 
   def steps(self) -> list[int]:
     """Complete checkpoints only (leftover .tmp dirs from a crash are ignored)."""
-    if not os.path.isdir(self.dir):
-      return []
     found = []
-    for name in os.listdir(self.dir):
+    for name in paths.listdir(self.dir):
       m = _STEP_DIR.match(name)
-      if m and os.path.exists(os.path.join(self.dir, name, 'state.json')):
+      if m and paths.exists(paths.join(self.dir, name, 'state.json')):
         found.append(int(m.group(1)))
     return sorted(found)
 
@@ -159,10 +147,9 @@ class StageCheckpoints:
 
   def load_state(self, step: int) -> dict:
     """state.json of `step`; CorruptCheckpointError if it cannot be read as a JSON object."""
-    path = os.path.join(self.path(step), 'state.json')
+    path = paths.join(self.path(step), 'state.json')
     try:
-      with open(path) as f:
-        state = json.load(f)
+      state = paths.read_json(path)
     except (OSError, UnicodeDecodeError, ValueError) as e:
       raise CorruptCheckpointError(f'Cannot read {path}: {_one_line(e)}') from e
     if not isinstance(state, dict):
@@ -180,11 +167,11 @@ class StageCheckpoints:
     return max(scored, key=lambda sv: (sign * sv[1], -sv[0]))[0]
 
   def kept(self) -> Optional[dict]:
-    return _read_json(os.path.join(self.dir, 'kept.json'))
+    return _read_json(paths.join(self.dir, 'kept.json'))
 
   def is_done(self, train_steps: Optional[int] = None) -> bool:
     """True once the stage ran all its steps (a larger `train_steps` re-opens it)."""
-    done = _read_json(os.path.join(self.dir, 'done.json'))
+    done = _read_json(paths.join(self.dir, 'done.json'))
     if done is None:
       return False
     return train_steps is None or done.get('train_steps', 0) >= train_steps
@@ -198,58 +185,62 @@ class StageCheckpoints:
     CheckpointSaveError is raised; the checkpoints written before are left as they were.
     """
     final, tmp = self.path(step), self.path(step) + '.tmp'
+    if paths.is_remote(final):
+      tmp = final   # GCS has no atomic rename: state.json, written last, marks it complete
     try:
       self._write(step, final, tmp, params, opt_state, cfg, state)
     except Exception as e:
       if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        paths.rmtree(tmp)
       if not isinstance(e, OSError) and not _is_out_of_space(e):
         raise
       hint = (' The disk is full: free space (or lower keep_latest), then rerun the same '
               'command to resume from the last checkpoint.' if _is_out_of_space(e) else '')
       raise CheckpointSaveError(
           f'Could not write checkpoint {final}: {_one_line(e)}.{hint} The partial '
-          f'{os.path.basename(tmp)} was removed; the checkpoints on disk are intact: '
+          f'{paths.basename(tmp)} was removed; the checkpoints on disk are intact: '
           f'{[self.path(s) for s in self.steps()] or "none"}.') from e
     return final
 
   def _write(self, step: int, final: str, tmp: str, params: Mapping[str, Any], opt_state: Any,
              cfg: T5Config, state: Mapping[str, Any]) -> None:
     if jax.process_index() == 0:
-      shutil.rmtree(tmp, ignore_errors=True)
-      os.makedirs(tmp)
+      paths.rmtree(tmp)
+      paths.makedirs(tmp)
     _sync(f'ckpt_mkdir_{step}')
     orbax_io.save_params(tmp, params, cfg, {'step': step, 'stage_dir': self.dir})
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, 'opt_state'), opt_state)
+    checkpointer.save(paths.join(tmp, 'opt_state'), opt_state)
     checkpointer.wait_until_finished()
     _sync(f'ckpt_written_{step}')
     if jax.process_index() == 0:
       if prompt_lib.has_prompt(params):
-        np.save(os.path.join(tmp, 'prompt.npy'), np.asarray(params['prompt']['prompt'], np.float32))
-      write_json(os.path.join(tmp, 'state.json'), dict(state, step=step))
-      if os.path.exists(final):
+        paths.write_bytes(paths.join(tmp, 'prompt.npy'), prompt_lib.npy_bytes(params))
+      write_json(paths.join(tmp, 'state.json'), dict(state, step=step))
+      if tmp == final:
+        pass   # written in place (GCS); state.json came last
+      elif paths.exists(final):
         # Re-saving a step (e.g. after a resume): move the old one aside first, so a crash
         # here leaves it recoverable (clean_partial puts it back) rather than gone.
         old = final + '.old'
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        paths.rmtree(old)
+        paths.rename(final, old)
+        paths.rename(tmp, final)
+        paths.rmtree(old)
       else:
-        os.rename(tmp, final)
+        paths.rename(tmp, final)
       self._prune_and_keep()
     _sync(f'ckpt_done_{step}')
 
   def update_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
     """Attach validation metrics to a saved checkpoint, then re-decide what is kept."""
     if jax.process_index() == 0:
-      path = os.path.join(self.path(step), 'state.json')
+      path = paths.join(self.path(step), 'state.json')
       state = self.state(step)
       state['metrics'] = {**state.get('metrics', {}), **dict(metrics)}
       write_json(path, state)
-      with open(os.path.join(self.dir, HISTORY_FILE), 'a') as f:
-        f.write(json.dumps({'step': step, **dict(metrics)}, sort_keys=True) + '\n')
+      paths.append_text(paths.join(self.dir, HISTORY_FILE),
+                        json.dumps({'step': step, **dict(metrics)}, sort_keys=True) + '\n')
       self._prune_and_keep()
     _sync(f'ckpt_metrics_{step}')
 
@@ -259,16 +250,16 @@ class StageCheckpoints:
     keep = set(steps[-self.keep_latest:]) | ({best} if best is not None else set())
     for s in steps:
       if s not in keep:
-        shutil.rmtree(self.path(s), ignore_errors=True)
+        paths.rmtree(self.path(s))
     if best is not None:
       value = self.state(best).get('metrics', {}).get(self.keep_metric)
-      write_json(os.path.join(self.dir, 'kept.json'),
+      write_json(paths.join(self.dir, 'kept.json'),
                   {'step': best, 'path': self.path(best), 'metric': self.keep_metric,
                    'value': value})
 
   def mark_done(self, summary: Mapping[str, Any]) -> None:
     if jax.process_index() == 0:
-      write_json(os.path.join(self.dir, 'done.json'), dict(summary))
+      write_json(paths.join(self.dir, 'done.json'), dict(summary))
     _sync('stage_done')
 
   def clean_partial(self) -> list[str]:
@@ -278,18 +269,18 @@ class StageCheckpoints:
     checkpoint_<step> itself is missing, and removed otherwise.
     """
     removed = []
-    if jax.process_index() == 0 and os.path.isdir(self.dir):
-      for name in sorted(os.listdir(self.dir)):
-        path = os.path.join(self.dir, name)
+    if jax.process_index() == 0:
+      for name in paths.listdir(self.dir):
+        path = paths.join(self.dir, name)
         if name.startswith('checkpoint_') and name.endswith('.tmp'):
-          shutil.rmtree(path, ignore_errors=True)
+          paths.rmtree(path)
           removed.append(name)
         elif name.startswith('checkpoint_') and name.endswith('.old'):
-          if os.path.exists(path[:-len('.old')]):
-            shutil.rmtree(path, ignore_errors=True)
+          if paths.exists(path[:-len('.old')]):
+            paths.rmtree(path)
             removed.append(name)
           else:
-            os.rename(path, path[:-len('.old')])
+            paths.rename(path, path[:-len('.old')])
     return removed
 
   def set_aside(self, step: int, reason: str) -> str:
@@ -302,14 +293,14 @@ class StageCheckpoints:
     dst = src + '.corrupt'
     if jax.process_index() == 0:
       n = 1
-      while os.path.exists(dst):
+      while paths.exists(dst):
         n += 1
         dst = f'{src}.corrupt{n}'
-      os.rename(src, dst)
+      paths.rename(src, dst)
       _log.warning('set aside unreadable checkpoint %s as %s: %s', src, dst, reason)
       try:
-        with open(os.path.join(dst, 'CORRUPT.txt'), 'w') as f:
-          f.write(f'Set aside on resume because it could not be read back:\n{reason}\n')
+        paths.write_text(paths.join(dst, 'CORRUPT.txt'),
+                         f'Set aside on resume because it could not be read back:\n{reason}\n')
         if self.steps():
           self._prune_and_keep()
       except OSError as e:  # a note and kept.json are nice to have; the rename is what matters
@@ -338,7 +329,7 @@ class StageCheckpoints:
     state = self.load_state(step)
     try:
       params = orbax_io.restore_params(path, abstract_params)
-      opt_state = ocp.StandardCheckpointer().restore(os.path.join(path, 'opt_state'),
+      opt_state = ocp.StandardCheckpointer().restore(paths.join(path, 'opt_state'),
                                                      abstract_opt_state)
     except Exception as e:  # orbax/tensorstore raise many kinds of errors for damaged files
       raise CorruptCheckpointError(f'Cannot restore {path}: {_one_line(e)}') from e

@@ -7,12 +7,12 @@ format (checkpoints.loading decides).
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
 import jax
 
+from promot_jax import paths
 from promot_jax.checkpoints import loading, orbax_io
 from promot_jax.checkpoints.manager import StageCheckpoints
 from promot_jax.model.config import T5Config
@@ -20,18 +20,19 @@ from promot_jax.model.config import T5Config
 
 def resolve_checkpoint(path: str) -> str:
   """A checkpoint dir as given, or a stage dir's kept checkpoint (kept.json)."""
-  if not os.path.exists(path):
+  path = paths.absolute(path)
+  if not paths.exists(path):
     raise FileNotFoundError(f'No checkpoint at {path}: the path does not exist.')
   if orbax_io.is_orbax_checkpoint(path):
     return path
   kept = StageCheckpoints(path).kept()
   if kept is not None:
-    for candidate in (kept.get('path', ''), os.path.join(path, f"checkpoint_{kept.get('step')}")):
+    for candidate in (kept.get('path', ''), paths.join(path, f"checkpoint_{kept.get('step')}")):
       if candidate and orbax_io.is_orbax_checkpoint(candidate):
         return candidate
-    raise FileNotFoundError(f'{os.path.join(path, "kept.json")} names {kept.get("path")}, '
+    raise FileNotFoundError(f'{paths.join(path, "kept.json")} names {kept.get("path")}, '
                             'which is not a checkpoint.')
-  if any(n.startswith('checkpoint_') for n in os.listdir(path)):
+  if any(n.startswith('checkpoint_') for n in paths.listdir(path)):
     raise FileNotFoundError(f'{path} holds checkpoints but no kept.json; pass one '
                             'checkpoint_<step> directory with --checkpoint.')
   return path  # maybe a pretrained HF / t5x checkpoint: loading.load_pretrained decides
@@ -39,9 +40,9 @@ def resolve_checkpoint(path: str) -> str:
 
 def checkpoint_name(resolved: str) -> str:
   """'<stage>_checkpoint_<step>' for a stage's checkpoint, else the directory's name."""
-  base = os.path.basename(os.path.normpath(resolved))
+  base = paths.basename(resolved)
   if re.fullmatch(r'checkpoint_\d+', base):
-    return f'{os.path.basename(os.path.dirname(os.path.normpath(resolved)))}_{base}'
+    return f'{paths.basename(paths.dirname(resolved))}_{base}'
   return base
 
 

@@ -35,6 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   gin_flags = [a for a in argv if a.startswith('--gin.')]
   args = build_parser().parse_args([a for a in argv if not a.startswith('--gin.')])
   args.gin_flags = gin_flags
+  args.argv = argv
   # t5x's spelling: --gin_search_paths=a,b (repeatable); where --gin_file and `include` look
   args.gin_search_paths = [p for group in (getattr(args, 'gin_search_paths', None) or [])
                            for p in group.split(',') if p]

@@ -22,6 +22,28 @@ def add_gin_arguments(parser: argparse.ArgumentParser,
                            'looked up (after the current directory and the shipped gin/)')
 
 
+def add_local_pod_arguments(parser: argparse.ArgumentParser) -> None:
+  """--local_processes / --local_devices: rehearse a multi-host run on this machine."""
+  parser.add_argument('--local_processes', type=int, default=None,
+                      help='run as this many local CPU processes joined by jax.distributed (a '
+                           'pod rehearsal; process 0 logs here, the others to MODEL_DIR/logs)')
+  parser.add_argument('--local_devices', type=int, default=1,
+                      help='with --local_processes: CPU devices per process (default 1)')
+
+
+def without_local_pod_arguments(argv: list) -> list:
+  """`argv` less --local_processes / --local_devices and their values."""
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+    elif arg in ('--local_processes', '--local_devices'):
+      skip = True
+    elif not arg.startswith(('--local_processes=', '--local_devices=')):
+      out.append(arg)
+  return out
+
+
 def _command(subparsers, handler: str, name: str, **kwargs) -> argparse.ArgumentParser:
   """A subcommand's parser; `handler` ('module:function') runs it."""
   parser = subparsers.add_parser(name, **kwargs)
@@ -39,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, 'promot_jax.cli.run_cmd:run', name,
                  help=text, description=text + '. Gin overrides: --gin.NAME=VALUE.')
     add_gin_arguments(p)
+    add_local_pod_arguments(p)
     if name == 'train':
       p.add_argument('--stage', default='__first__', help='stage name (default: the first one)')
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
+from promot_jax import paths
 from promot_jax.eval import suite
 from promot_jax.ginconf import loaders
 
@@ -23,7 +23,7 @@ def command(args: argparse.Namespace) -> int:
   results = suite.evaluate_suite(ecfg, args.checkpoint or None)
   if suite.is_writer():
     print(suite.summary_table(results), flush=True)
-    print(f'results in {os.path.abspath(ecfg.out_dir)}', flush=True)
+    print(f'results in {paths.absolute(ecfg.out_dir)}', flush=True)
   failed = sorted({t for r in results.values() for t in r['failed']})
   if failed:
     print(f'promot eval: {len(failed)} task(s) failed: {failed}', file=sys.stderr)

@@ -18,6 +18,7 @@ def command(args) -> int:
   try:
     from lm_eval._cli import HarnessCLI  # optional dependency: lm-eval 0.4.13's CLI object
     from lm_eval.utils import setup_logging  # optional dependency
+
     import promot_jax.eval.lm_eval_adapter  # noqa: F401  optional dependency (registers it)
   except ImportError as e:
     raise ValueError(f'lm-eval is not installed ({e}); pip install -e ".[lm_eval]".') from e

@@ -7,6 +7,7 @@ import json
 
 from promot_jax import tree_util
 from promot_jax.checkpoints import loading, orbax_io
+from promot_jax.cli import commands, local_pod
 from promot_jax.ginconf import loaders
 from promot_jax.ginconf.parse import resolve_model
 from promot_jax.tools.smoke import run_smoke
@@ -15,6 +16,9 @@ from promot_jax.train import runner
 
 def run(args: argparse.Namespace) -> int:
   run = loaders.load_run(args.gin_file, args.gin_flags, args.gin_search_paths)
+  if getattr(args, 'local_processes', None):
+    return local_pod.launch(commands.without_local_pod_arguments(args.argv),
+                            args.local_processes, args.local_devices, run.model_dir)
   runner.run_stages(run, getattr(args, 'stage', None))
   return 0
 

@@ -85,22 +85,28 @@ def _check_vocabularies(name: str) -> None:
 
 
 def _dataset(task: str, task_feature_lengths: Mapping[str, int], split: str, seed: int,
-             shuffle: bool, repeat: bool, pack: bool, shard_index: int, num_shards: int,
-             use_cached: bool):
-  """seqio's per-shard example stream after the encoder-decoder feature converter."""
+             shuffle: bool, repeat: bool, pack: bool, use_cached: bool):
+  """seqio's whole example stream after the encoder-decoder feature converter."""
   converter = seqio.EncDecFeatureConverter(pack=pack)
   ds = seqio.get_dataset(
       task, task_feature_lengths=dict(task_feature_lengths), dataset_split=split,
       shuffle=shuffle, num_epochs=None if repeat else 1, feature_converter=converter,
-      shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
-      use_cached=use_cached, seed=seed, verbose=False)
+      shard_info=None, use_cached=use_cached, seed=seed, verbose=False)
   options = tf.data.Options()
   options.deterministic = True  # parallel maps keep their order whatever the global setting
   return ds.with_options(options)
 
 
 class BatchIterator:
-  """Iterates this host's batches (dict of int32 [host_batch, length] arrays); resumable."""
+  """Iterates this host's batches (dict of int32 [host_batch, length] arrays); resumable.
+
+  Every host reads the same global stream and keeps the rows of its shard (rows
+  shard_index * host_batch onwards of each global batch). So the global batches do not
+  depend on how many hosts read them: a run on 1 host and on 8 sees the same data, a run
+  resumes exactly on another slice size, and hosts in one model-parallel group (same shard)
+  feed identical rows. Fine-tuning batches are small (64 examples); reading a whole one per
+  host costs next to nothing beside a step.
+  """
 
   def __init__(self, task: str, task_feature_lengths: Mapping[str, int], split: str,
                global_batch_size: int, *, seed: int, shuffle: bool = True, repeat: bool = True,
@@ -120,9 +126,9 @@ class BatchIterator:
                      repeat=repeat, drop_remainder=drop_remainder, pack=pack,
                      shard_index=shard_index, num_shards=num_shards, use_cached=use_cached)
     self.host_batch = global_batch_size // num_shards
-    ds = _dataset(task, task_feature_lengths, split, seed, shuffle, repeat, pack, shard_index,
-                  num_shards, use_cached)
-    ds = ds.batch(self.host_batch, drop_remainder=drop_remainder)
+    self._rows = slice(shard_index * self.host_batch, (shard_index + 1) * self.host_batch)
+    ds = _dataset(task, task_feature_lengths, split, seed, shuffle, repeat, pack, use_cached)
+    ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
     if batches_consumed:
       ds = ds.skip(batches_consumed)
     self._element_spec = ds.element_spec
@@ -152,9 +158,9 @@ class BatchIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._it)
+    batch = next(self._it)   # the global batch; this host keeps its rows
     self.batches_consumed += 1
-    return {k: np.asarray(v, np.int32) for k, v in batch.items()}
+    return {k: np.asarray(v[self._rows], np.int32) for k, v in batch.items()}
 
   def state(self) -> dict[str, Any]:
     """JSON-serialisable position; BatchIterator.from_state rebuilds the iterator from it."""

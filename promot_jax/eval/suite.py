@@ -13,13 +13,12 @@ error entry and the others still run. The command is `promot eval` (cli/eval_cmd
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 
+from promot_jax import paths
 from promot_jax.checkpoints import resolve
 from promot_jax.data import pipeline
 from promot_jax.eval import metrics, registry
@@ -115,10 +114,8 @@ def log_line(message: str) -> None:
 def _write_json(path: str, value: Any) -> None:
   if not is_writer():
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  paths.makedirs(paths.dirname(path))
+  paths.write_json(path, value)
 
 
 def _averages(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Optional[float]]:
@@ -154,7 +151,7 @@ def evaluate_checkpoint(ecfg: EvalConfig, path: str, name: str, plans: Sequence[
                           'finetuned_task': ecfg.finetuned_task,
                           'format_labels': list(labels) if labels else None},
              'tasks': {}, 'failed': []}
-  out = os.path.join(ecfg.out_dir, name, 'results.json')
+  out = paths.join(ecfg.out_dir, name, 'results.json')
   tag = lambda message: log(f'[eval {name}] {message}')  # noqa: E731
   for plan in plans:
     where = 'with prompt' if plan.with_prompt else 'without prompt'
@@ -213,7 +210,7 @@ def evaluate_suite(ecfg: EvalConfig, checkpoints: Optional[Sequence[str]] = None
                     'format_rate': {t: e.get('format_rate') for t, e in r['tasks'].items()},
                     'averages': r.get('averages', {}), 'failed': r['failed']}
              for name, r in all_results.items()}
-  _write_json(os.path.join(ecfg.out_dir, 'summary.json'), summary)
+  _write_json(paths.join(ecfg.out_dir, 'summary.json'), summary)
   return all_results
 
 

@@ -12,6 +12,7 @@ creates it with `initialize_prompt` from one of four initialisers:
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -69,6 +70,13 @@ def with_prompt_value(params: Mapping[str, Any], prompt: Array) -> dict[str, Any
 
 def without_prompt(params: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in params.items() if k != 'prompt'}
+
+
+def npy_bytes(params: Mapping[str, Any]) -> bytes:
+  """The prompt as the bytes of a float32 [prompt_length, emb_dim] .npy file."""
+  buffer = io.BytesIO()
+  np.save(buffer, get_prompt(params).astype(np.float32))
+  return buffer.getvalue()
 
 
 def save_prompt_npy(params: Mapping[str, Any], path: str | os.PathLike) -> str:

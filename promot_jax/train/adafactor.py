@@ -17,7 +17,7 @@ from 2.2 s to well under a second on the 2-core CPU of `promot bench` (README, P
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,12 +56,34 @@ def _factored_dims(shape, min_dim_size_to_factor: int):
 def adafactor(learning_rate: float, decay_rate: float = 0.8,
               multiply_by_parameter_scale: bool = True, clipping_threshold: float = 1.0,
               min_dim_size_to_factor: int = 128, eps: float = 1e-30,
-              min_scale: float = 1e-3) -> optax.GradientTransformation:
-  """optax.adafactor(...) with factored=True, no momentum and no weight decay."""
+              min_scale: float = 1e-3,
+              batched: Optional[Callable[[str], bool]] = None) -> optax.GradientTransformation:
+  """optax.adafactor(...) with factored=True, no momentum and no weight decay.
+
+  `batched(path) -> bool`: leaves whose leading axis is a batch of independent parameters
+  (stacked layers; see the module docstring). None: no such leaves.
+  """
   reference = optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
                               multiply_by_parameter_scale=multiply_by_parameter_scale,
                               clipping_threshold=clipping_threshold, factored=True,
                               min_dim_size_to_factor=min_dim_size_to_factor, eps=eps)
+
+  def init(params: Any):
+    if batched is None:
+      return reference.init(params)
+    # optax's state for one slice of each batched leaf, its moments then given the batch axis
+    slices = jax.tree_util.tree_map_with_path(
+        lambda path, p: jax.ShapeDtypeStruct(p.shape[1:], p.dtype) if batched(_name(path)) else p,
+        params)
+    state = reference.init(slices)
+    grow = lambda path, x, p: (  # noqa: E731
+        jnp.zeros((p.shape[0],) + x.shape, x.dtype) if batched(_name(path)) else x)
+    factored = state[0]
+    factored = factored._replace(
+        v_row=jax.tree_util.tree_map_with_path(grow, factored.v_row, params),
+        v_col=jax.tree_util.tree_map_with_path(grow, factored.v_col, params),
+        v=jax.tree_util.tree_map_with_path(grow, factored.v, params))
+    return (factored,) + tuple(state[1:])
 
   def update(grads: Any, state: Any, params: Any = None):
     if params is None:
@@ -94,11 +116,26 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
         scale = scale * jnp.where(p_rms <= min_scale, min_scale, p_rms)
       return (-scale * u).astype(p.dtype), new_row, new_col, new_v
 
-    if any(g.ndim > 2 and _factored_dims(g.shape, min_dim_size_to_factor) is not None
-           for g in jax.tree_util.tree_leaves(grads)):
+    def general(g, v_row, v_col, v, p):
+      """optax's own update of one leaf (factored leaves of more than two dimensions)."""
+      one_state = (factored_state._replace(v_row=v_row, v_col=v_col, v=v),) + tuple(state[1:])
+      u, new_state = reference.update(g, one_state, p)
+      return u, new_state[0].v_row, new_state[0].v_col, new_state[0].v
+
+    def update_leaf(path, g, v_row, v_col, v, p):
+      stacked = batched(_name(path))
+      shape = g.shape[1:] if stacked else g.shape
+      fn = general if len(shape) > 2 and _factored_dims(shape, min_dim_size_to_factor) else one
+      return jax.vmap(fn)(g, v_row, v_col, v, p) if stacked else fn(g, v_row, v_col, v, p)
+
+    trees = (grads, factored_state.v_row, factored_state.v_col, factored_state.v, params)
+    if batched is not None:
+      out = jax.tree_util.tree_map_with_path(update_leaf, *trees)
+    elif any(g.ndim > 2 and _factored_dims(g.shape, min_dim_size_to_factor) is not None
+             for g in jax.tree_util.tree_leaves(grads)):
       return reference.update(grads, state, params)   # not a shape this model has
-    out = jax.tree_util.tree_map(one, grads, factored_state.v_row, factored_state.v_col,
-                                 factored_state.v, params)
+    else:
+      out = jax.tree_util.tree_map(one, *trees)
     treedef = jax.tree_util.tree_structure(grads)
     leaves = treedef.flatten_up_to(out)
     pick = lambda i: treedef.unflatten([leaf[i] for leaf in leaves])  # noqa: E731
@@ -106,7 +143,12 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
                                            v_row=pick(1), v_col=pick(2), v=pick(3))
     return pick(0), (new_factored,) + tuple(state[1:])
 
-  return optax.GradientTransformation(reference.init, update)
+  return optax.GradientTransformation(init, update)
+
+
+def _name(path) -> str:
+  """A leaf's parameter path ('encoder/layers/mlp/wo/kernel') from its pytree key path."""
+  return '/'.join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def _mean_all(x: jax.Array) -> jax.Array:

@@ -9,14 +9,13 @@ touches is laid out by the logical axis rules on the (data, model) mesh.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
-from promot_jax import mesh as partitioning, tree_util
+from promot_jax import mesh as partitioning, paths, tree_util
 from promot_jax.checkpoints import loading, orbax_io
 from promot_jax.checkpoints.manager import CorruptCheckpointError, StageCheckpoints
 from promot_jax.data import pipeline as data
@@ -46,11 +45,11 @@ def _prepare_starting_params(run: RunConfig, stage: Stage, previous: Optional[St
         raise ValueError(f'Stage {stage.name} starts from the previous stage, but it is the first '
                          'stage of the run. Put a prompt_tuning stage before it or set '
                          'PREVIOUS_CHECKPOINT_PATH to a stage-1 checkpoint.')
-      kept = StageCheckpoints(os.path.join(run.model_dir, previous.name)).kept()
-      if not kept or not os.path.isdir(kept['path']):
+      kept = StageCheckpoints(paths.join(run.model_dir, previous.name)).kept()
+      if not kept or not paths.isdir(kept['path']):
         raise ValueError(
             f'Stage {stage.name} starts from the kept checkpoint of stage {previous.name}, but '
-            f'{os.path.join(run.model_dir, previous.name)} has none. Run stage {previous.name} '
+            f'{paths.join(run.model_dir, previous.name)} has none. Run stage {previous.name} '
             'first (promot run runs both), or set PREVIOUS_CHECKPOINT_PATH to a checkpoint.')
       path = kept['path']
     log(f'starting from {path}')
@@ -88,15 +87,16 @@ def _check_prompt_length(found: int, expected: int, source: str) -> None:
 
 def validate(run: RunConfig, stage: Stage, eval_fn: Callable, params: Any, mesh) -> dict:
   """Teacher-forced validation metrics over the validation split (or EVAL_BATCHES of it)."""
+  shard_index, num_shards = partitioning.host_data_shard(mesh)
   it = data.make_batch_iterator(
       run.validation_task or run.mixture_or_task_name, run.task_feature_lengths,
       run.validation_split, run.batch_size, seed=run.seed, shuffle=False, repeat=False,
-      drop_remainder=False)
+      drop_remainder=False, shard_index=shard_index, num_shards=num_shards)
   totals: dict[str, float] = {}
   for i, batch in enumerate(it):
     if run.eval_batches is not None and i >= run.eval_batches:
       break
-    batch = data.pad_batch(batch, run.batch_size // jax.process_count())
+    batch = data.pad_batch(batch, run.batch_size // num_shards)
     out = jax.device_get(eval_fn(params, partitioning.global_batch_from_host(batch, mesh)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
@@ -129,13 +129,13 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
                  stop: StopRequest) -> dict:
   stage.validate()
   cfg, rules = run.model_config, run.rules()
-  stage_dir = os.path.join(run.model_dir, stage.name)
+  stage_dir = paths.join(run.model_dir, stage.name)
   ckpts = StageCheckpoints(stage_dir, stage.keep_latest, stage.keep_metric, stage.keep_mode)
   progress = Progress(stage.name, stage.train_steps, 0, 0)
   if ckpts.is_done(stage.train_steps):
     progress.log(f'already finished; kept checkpoint: {ckpts.kept()}')
     return {'stage': stage.name, 'kept': ckpts.kept(), 'skipped': True}
-  if jax.process_count() == 1 and stop.signal_name is not None:  # signalled between stages
+  if stop.should_stop(0):  # signalled between stages (agreed by every host)
     raise _stopped_before(stage, 0, stop.signal_name)
   for name in ckpts.clean_partial():
     progress.log(f'removed an incomplete checkpoint left by a crash: {name}')
@@ -188,10 +188,14 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
     progress.log(f'resuming from {ckpts.path(latest)} (step {latest})')
 
   start = int(jax.device_get(state.step))
-  progress.open_tensorboard(os.path.join(stage_dir, 'tb'))
+  # Every check passed and the state is on the mesh: only now is anything written.
+  run.record_model_dir()
+  progress.open_tensorboard(paths.join(stage_dir, 'tb'))
+  shard_index, num_shards = partitioning.host_data_shard(mesh)   # the rows this host feeds
   it = data.make_batch_iterator(run.mixture_or_task_name, run.task_feature_lengths, 'train',
                                 run.batch_size, seed=run.seed, shuffle=True, repeat=True,
-                                start_batch=data_state['batches_consumed'])
+                                start_batch=data_state['batches_consumed'],
+                                shard_index=shard_index, num_shards=num_shards)
   step_fn = sharded.step_fn
   eval_fn = jax.jit(make_eval_step(cfg, stage))
   rng = jax.random.PRNGKey(run.seed + 1000 * (1 + run.stage_index(stage.name)))
@@ -247,13 +251,16 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
         done % stage.checkpoint_period == 0:
       last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
       progress.step(done, dict(last_metrics, skipped_batches=skipped), stage.learning_rate)
+    # Every host asks at every step (a collective), so all stop after the same step.
+    stopping = done < stage.train_steps and stop.should_stop(done)
     if done % stage.checkpoint_period == 0 or done == stage.train_steps:
       checkpoint(done)
-    elif stop.should_stop(done):
+    elif stopping:
       checkpoint(done, validate_too=False)
-    if stop.signal_name is not None and done < stage.train_steps:
+    if stopping:
       progress.log(f'{stop.signal_name} received: stopped after step {done} with a checkpoint '
                    'at ' + ckpts.path(done))
+      progress.close()
       raise Preempted(f'stage {stage.name} stopped at step {done}/{stage.train_steps} on '
                       f'{stop.signal_name}; run the same command again to resume.')
   kept = ckpts.kept()

@@ -2,8 +2,9 @@
 
 Cloud TPU VMs get SIGTERM before maintenance or preemption; a user presses Ctrl-C. Either
 way the trainer finishes the current step, writes a checkpoint (with the data position), and
-exits with EXIT_PREEMPTED; running the same command again resumes. On several hosts all of
-them must stop at the same step, which jax's preemption sync point decides.
+exits with EXIT_PREEMPTED; running the same command again resumes. On several hosts a
+signal reaches one host or all of them at different moments; every host asks the others at
+each step (one tiny all-gather) and all stop at the same step when any was signalled.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 from typing import Optional
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "try again later" is exactly the advice
@@ -32,9 +34,7 @@ class StopRequest:
 
   def __enter__(self) -> 'StopRequest':
     if threading.current_thread() is threading.main_thread():
-      # On several hosts jax's own preemption notifier owns SIGTERM (see should_stop).
-      signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
-      for sig in signals:
+      for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -48,10 +48,16 @@ class StopRequest:
     self.signal_name = signal.Signals(signum).name
 
   def should_stop(self, step: int) -> bool:
-    """True (on every host, at the same step) once a stop was requested."""
+    """True (on every host, at the same step) once a stop was requested on any host.
+
+    With several processes every one of them must call this at the same points (the
+    trainer does, once per step): it is a collective.
+    """
+    del step  # the same call sequence on every host is what aligns the decision
     if jax.process_count() > 1:
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.signal_name = self.signal_name or 'SIGTERM'
-        return True
-      return False
+      mine = np.asarray([self.signal_name is not None], np.int32)
+      if not multihost_utils.process_allgather(mine).any():
+        return False
+      self.signal_name = self.signal_name or 'a signal on another host'
+      return True
     return self.signal_name is not None

@@ -1,14 +1,26 @@
-"""What the user sees during training: one line per N steps, and TensorBoard summaries."""
+"""What the user sees during training: one line per N steps, and TensorBoard summaries.
+
+TensorBoard event files are written locally; for a remote MODEL_DIR (gs://) they go to a
+local scratch directory and are copied to MODEL_DIR/<stage>/tb through the path layer (at
+most every MIRROR_S seconds, and when the stage ends), so they reach any storage the run
+itself reaches (TensorFlow's own GCS client knows no emulator).
+"""
 
 from __future__ import annotations
 
 import datetime
+import os
 import sys
+import tempfile
 import time
 from typing import Mapping, Optional
 
 import jax
 from clu import metric_writers
+
+from promot_jax import paths
+
+MIRROR_S = 30.0
 
 
 class Progress:
@@ -21,12 +33,17 @@ class Progress:
     self.is_writer = jax.process_index() == 0
     self._last_step, self._last_time = start_step, time.perf_counter()
     self._writer = None
+    self._mirror: Optional[tuple[str, str]] = None   # (local scratch dir, remote logdir)
+    self._mirrored_at = 0.0
     if logdir:
       self.open_tensorboard(logdir)
 
   def open_tensorboard(self, logdir: str) -> None:
     """Start writing TensorBoard summaries to `logdir` (process 0 only)."""
     if self.is_writer and self._writer is None:
+      if paths.is_remote(logdir):
+        self._mirror = (tempfile.mkdtemp(prefix='promot_tb_'), logdir)
+        logdir = self._mirror[0]
       self._writer = metric_writers.create_default_writer(logdir, asynchronous=False)
 
   def log(self, message: str) -> None:
@@ -53,7 +70,20 @@ class Progress:
     if self._writer is not None:
       self._writer.write_scalars(step, {k: float(v) for k, v in values.items()})
       self._writer.flush()
+      if self._mirror and time.monotonic() - self._mirrored_at > MIRROR_S:
+        self.mirror()
+
+  def mirror(self) -> None:
+    """Copy the local event files to the remote logdir (a remote MODEL_DIR only)."""
+    if not self._mirror:
+      return
+    local, remote = self._mirror
+    for name in os.listdir(local):
+      with open(os.path.join(local, name), 'rb') as f:
+        paths.write_bytes(paths.join(remote, name), f.read())
+    self._mirrored_at = time.monotonic()
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+      self.mirror()

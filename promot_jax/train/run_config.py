@@ -8,14 +8,12 @@ PROMPT_LENGTH, LOSS_NORMALIZING_FACTOR, ...); the trainer only ever sees this ob
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import seqio
 
-from promot_jax import mesh as partitioning
+from promot_jax import mesh as partitioning, paths
 from promot_jax.eval import registry
 from promot_jax.model.config import T5Config
 from promot_jax.train.stages import Stage
@@ -104,24 +102,28 @@ class RunConfig:
                        'sensibly (attention is quadratic). Lower TASK_FEATURE_LENGTHS["inputs"].')
 
   def check_model_dir(self) -> None:
-    """MODEL_DIR must not hold a run of a different architecture; record ours on first use."""
-    path = os.path.join(self.model_dir, 'run.json')
+    """MODEL_DIR must not hold a run of a different architecture (reads only)."""
+    path = paths.join(self.model_dir, 'run.json')
     arch = self.model_config.architecture()
-    if os.path.exists(path):
-      with open(path) as f:
-        previous = json.load(f).get('architecture')
+    if paths.exists(path):
+      previous = paths.read_json(path).get('architecture')
       if previous is not None and previous != arch:
         diff = {k: (previous.get(k), arch.get(k)) for k in arch if previous.get(k) != arch.get(k)}
         raise ValueError(f'MODEL_DIR {self.model_dir} holds a run of a different model '
                          f'(checkpoint vs config: {diff}). Use a new MODEL_DIR or the matching '
                          'model gin file.')
+
+  def record_model_dir(self) -> None:
+    """Write MODEL_DIR/run.json (process 0, once): called when a stage is about to train, after
+    every check has passed, so a run that fails its checks leaves MODEL_DIR as it was."""
+    path = paths.join(self.model_dir, 'run.json')
+    if jax.process_index() != 0 or paths.exists(path):
       return
-    if jax.process_index() == 0:
-      os.makedirs(self.model_dir, exist_ok=True)
-      with open(path, 'w') as f:
-        json.dump({'architecture': arch, 'stages': [dataclasses.asdict(s) for s in self.stages],
-                   'task': self.mixture_or_task_name,
-                   'task_feature_lengths': dict(self.task_feature_lengths)}, f, indent=2)
+    paths.makedirs(self.model_dir)
+    paths.write_json(path, {'architecture': self.model_config.architecture(),
+                            'stages': [dataclasses.asdict(s) for s in self.stages],
+                            'task': self.mixture_or_task_name,
+                            'task_feature_lengths': dict(self.task_feature_lengths)})
 
   def describe(self) -> dict[str, Any]:
     return {'model_dir': self.model_dir, 'task': self.mixture_or_task_name,

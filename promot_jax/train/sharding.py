@@ -84,6 +84,8 @@ def build_sharded_step(cfg, stage: Stage, mesh, rules, params: Any,
   t_specs, f_specs = split_params(specs, stage)
   t_shard = partitioning.logical_to_sharding(t_specs, mesh, rules)
   f_shard = partitioning.logical_to_sharding(f_specs, mesh, rules)
+  check_divisible(merge_params(*split_params(params, stage)),
+                  merge_params(t_shard, f_shard), mesh)
   optimizer = make_optimizer(stage, trainable)
   abstract_trainable = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                               trainable)
@@ -122,3 +124,19 @@ def abstract_on_mesh(sharded: ShardedStep, params: Any, stage: Stage) -> tuple[A
   return (merge_params(with_sharding(trainable, sharded.trainable_sharding),
                        with_sharding(frozen, sharded.frozen_sharding)),
           with_sharding(sharded.abstract_opt_state, sharded.state_sharding.opt_state))
+
+
+def check_divisible(params: Any, shardings: Any, mesh) -> None:
+  """A clear error when a parameter's dimension does not split over its mesh axis."""
+  flat_params, flat_shardings = tree_util.flatten(params), tree_util.flatten(shardings)
+  for path, value in flat_params.items():
+    spec = flat_shardings[path].spec
+    for dim, axes in zip(value.shape, spec):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      parts = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+      if dim % parts:
+        raise ValueError(
+            f'{path} {tuple(value.shape)}: a dimension of {dim} cannot be split over the mesh '
+            f'axis {names} of size {parts} (mesh {dict(mesh.shape)}). Choose NUM_PARTITIONS '
+            f'that divides the model\'s heads, mlp and vocabulary sizes, or override the rule '
+            'for that axis in LOGICAL_AXIS_RULES.')
