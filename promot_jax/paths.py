@@ -125,6 +125,32 @@ def write_text(path: Any, text: str) -> None:
     raise
 
 
+def read_bytes(path: Any, offset: int = 0) -> bytes:
+  """The file's bytes from `offset` on."""
+  if is_remote(path):
+    with _remote(path).open('rb') as f:
+      f.seek(offset)
+      return f.read()
+  with open(path, 'rb') as f:
+    f.seek(offset)
+    return f.read()
+
+
+def walk_files(path: Any) -> list[tuple[str, int]]:
+  """Every file under `path` as (path relative to it, size), sorted."""
+  if is_remote(path):
+    root = _remote(path)
+    found = [(os.fspath(p.relative_to(root)), p.stat().length) for p in root.rglob('*')
+             if p.is_file()]
+  else:
+    found = []
+    for directory, _, files in os.walk(path):
+      for name in files:
+        full = os.path.join(directory, name)
+        found.append((os.path.relpath(full, path), os.path.getsize(full)))
+  return sorted(found)
+
+
 def write_bytes(path: Any, data: bytes) -> None:
   if is_remote(path):
     _remote(path).write_bytes(data)

@@ -75,7 +75,8 @@ def _assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
 # largest trained change (2.6e-5 absolute on the stage-1 prompt, lr 0.3, whose optimizer sees
 # no stacked leaf at all) and 1.1e-4 of an optimizer-state leaf's largest entry; two unrolled
 # runs that differ only in remat_policy='full' differ by as much (up to 4e-4 and 2.3e-4). The
-# whole-stack optimizer is off by 5e-1 of the change. So parameters are compared with
+# whole-stack optimizer is off by up to 0.9 of the change (at least 3e-3 on every leaf). So
+# parameters are compared with
 # rtol 1e-5 plus an atol of 1e-3 of the leaf's trained change (at least 1e-6), states with
 # rtol 1e-5 plus 1e-3 of the leaf's largest entry; losses with rtol 1e-5 alone.
 NOISE = 1e-3
@@ -193,7 +194,7 @@ def _toy_cfg():
   return CFG.replace(num_encoder_layers=3, num_decoder_layers=2)
 
 
-def _toy_tree(rng, stacked: bool):
+def _toy_tree(rng):
   """Stacked leaves of every kind (factored tall and wide, unfactored, 3-D factored), each
   layer at its own scale (so whole-stack RMS would be wrong), and unstacked leaves."""
   def layers(n, shape):
@@ -206,14 +207,14 @@ def _toy_tree(rng, stacked: bool):
           'decoder': {'layers': {'out': {'kernel': layers(2, (130, 20000))},      # wide: dots
                                  'attn': {'kernel': layers(2, (130, 140, 3))}}},  # optax's path
           'token_embedder': {'embedding': rng.normal(size=(600, 130)).astype(np.float32)}}
-  return tree if stacked else stacking.unstack_layers(tree, _toy_cfg())
+  return tree
 
 
 @pytest.mark.parametrize('scale_by_param', [True, False])
 def test_per_layer_adafactor_matches_optax_on_the_unrolled_tree(scale_by_param):
   cfg = _toy_cfg()
   rng = np.random.default_rng(0)
-  stacked = jax.tree_util.tree_map(jnp.asarray, _toy_tree(rng, stacked=True))
+  stacked = jax.tree_util.tree_map(jnp.asarray, _toy_tree(rng))
   unrolled = stacking.unstack_layers(stacked, cfg)
   ours = adafactor.adafactor(1e-2, 0.8, scale_by_param, 1.0, batched=stacking.is_stacked_path)
   ref = optax.adafactor(learning_rate=1e-2, decay_rate=0.8,
@@ -245,22 +246,24 @@ def test_per_layer_adafactor_matches_optax_on_the_unrolled_tree(scale_by_param):
 
 # Converting optimizer states.
 
+@pytest.mark.parametrize('factored', [False, True], ids=['tiny', 'factored'])
 @pytest.mark.parametrize('stage', [STAGES['prompt_tuning'], STAGES['model_tuning'],
                                    stages.joint(), stages.finetune(optimizer='adam')],
                          ids=lambda s: f'{s.name}-{s.optimizer}')
-def test_opt_state_conversion_round_trips_and_matches_the_stacked_optimizer(stage):
+def test_opt_state_conversion_round_trips_and_matches_the_stacked_optimizer(stage, factored):
   """stack_opt_state(t5x tree's state) has exactly the stacked optimizer's structure and shapes
   (masked and multi_transform states included), and unstack_opt_state inverts it."""
+  cfg = FACTORED_CFG if factored else CFG
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                    host_params(CFG))
+                                    host_params(cfg))
   unrolled, _ = stages.split_params(abstract, stage)
-  stacked, _ = stages.split_params(stacking.stack_layers(abstract, CFG), stage)
+  stacked, _ = stages.split_params(stacking.stack_layers(abstract, cfg), stage)
   want = jax.eval_shape(make_optimizer(stage, stacked).init, stacked)
   state = jax.eval_shape(make_optimizer(stage, unrolled).init, unrolled)
-  got = stacking.stack_opt_state(state, CFG)
+  got = stacking.stack_opt_state(state, cfg)
   assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
   assert jax.tree_util.tree_leaves(got) == jax.tree_util.tree_leaves(want)
-  back = stacking.unstack_opt_state(got, CFG)
+  back = stacking.unstack_opt_state(got, cfg)
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(state)
   assert jax.tree_util.tree_leaves(back) == jax.tree_util.tree_leaves(state)
 

@@ -3,11 +3,12 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from promot_jax import cli, tree_util
-from promot_jax.checkpoints import orbax_io
+from promot_jax.checkpoints import orbax_io, resolve
 
 RUN = 'runs/promot_tiny_cpu.gin'
 
@@ -46,8 +47,8 @@ def test_run_goes_stage1_then_stage2_and_keeps_the_best(finished_run, pretrained
     assert os.path.exists(os.path.join(kept['path'], 'prompt.npy'))
     steps = sorted(int(n.split('_')[1]) for n in os.listdir(d) if n.startswith('checkpoint_'))
     assert 30 in steps and len(steps) <= 3       # keep-latest 2 + the best
-  stage1 = orbax_io.restore_params(json.load(open(os.path.join(
-      finished_run, 'prompt_tuning', 'kept.json')))['path'], as_numpy=True)
+  stage1 = jax.tree_util.tree_map(np.asarray, resolve.load_checkpoint(json.load(open(
+      os.path.join(finished_run, 'prompt_tuning', 'kept.json')))['path'])[1])   # + its base
   stage2 = orbax_io.restore_params(json.load(open(os.path.join(
       finished_run, 'model_tuning', 'kept.json')))['path'], as_numpy=True)
   # Stage 1 changed only the prompt; stage 2 started from stage 1's prompt and kept it.

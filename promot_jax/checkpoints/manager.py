@@ -178,8 +178,11 @@ class StageCheckpoints:
 
   # ---- writing -------------------------------------------------------------------------------
   def save(self, step: int, params: Mapping[str, Any], opt_state: Any, cfg: T5Config,
-           state: Mapping[str, Any]) -> str:
+           state: Mapping[str, Any], base: Optional[Mapping[str, Any]] = None) -> str:
     """Write checkpoint_<step> atomically, then prune and update kept.json.
+
+    With `base` (loading.base_reference) `params` is only what the stage trained; restoring
+    rebuilds the rest from that base (loading.load_pretrained does).
 
     On failure (e.g. ENOSPC) the partial checkpoint_<step>.tmp is removed and
     CheckpointSaveError is raised; the checkpoints written before are left as they were.
@@ -188,7 +191,7 @@ class StageCheckpoints:
     if paths.is_remote(final):
       tmp = final   # GCS has no atomic rename: state.json, written last, marks it complete
     try:
-      self._write(step, final, tmp, params, opt_state, cfg, state)
+      self._write(step, final, tmp, params, opt_state, cfg, state, base)
     except Exception as e:
       if jax.process_index() == 0:
         paths.rmtree(tmp)
@@ -203,12 +206,14 @@ class StageCheckpoints:
     return final
 
   def _write(self, step: int, final: str, tmp: str, params: Mapping[str, Any], opt_state: Any,
-             cfg: T5Config, state: Mapping[str, Any]) -> None:
+             cfg: T5Config, state: Mapping[str, Any],
+             base: Optional[Mapping[str, Any]] = None) -> None:
     if jax.process_index() == 0:
       paths.rmtree(tmp)
       paths.makedirs(tmp)
     _sync(f'ckpt_mkdir_{step}')
-    orbax_io.save_params(tmp, params, cfg, {'step': step, 'stage_dir': self.dir})
+    meta = {'step': step, 'stage_dir': self.dir, **({'base': dict(base)} if base else {})}
+    orbax_io.save_params(tmp, params, cfg, meta)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(paths.join(tmp, 'opt_state'), opt_state)
     checkpointer.wait_until_finished()
@@ -316,6 +321,14 @@ class StageCheckpoints:
       return orbax_io.param_shapes(self.path(step))
     except Exception as e:  # orbax/tensorstore raise many kinds of errors for damaged files
       raise CorruptCheckpointError(f'Cannot read the parameter metadata of {self.path(step)}: '
+                                   f'{_one_line(e)}') from e
+
+  def base_of(self, step: int) -> Optional[dict]:
+    """The base reference of a checkpoint that stores only its stage's part (else None)."""
+    try:
+      return orbax_io.read_meta(self.path(step)).get('base')
+    except (OSError, ValueError) as e:
+      raise CorruptCheckpointError(f'Cannot read the metadata of {self.path(step)}: '
                                    f'{_one_line(e)}') from e
 
   def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any,

@@ -56,9 +56,9 @@ def checkpoint_has_prompt(resolved: str) -> bool:
 
 def load_checkpoint(resolved: str) -> tuple[T5Config, Any]:
   """(config without dropout, params on the default device) from any readable checkpoint."""
-  if orbax_io.is_orbax_checkpoint(resolved):
+  if orbax_io.is_orbax_checkpoint(resolved) and orbax_io.read_meta(resolved).get('base') is None:
     cfg, params = orbax_io.read_config(resolved), orbax_io.restore_params(resolved)
-  else:
+  else:   # other formats, and stage-1 checkpoints rebuilt from their base
     cfg, params = loading.load_pretrained(resolved)
   # Host arrays would be copied to the device at every batch: place them once.
   params = jax.tree_util.tree_map(

@@ -187,12 +187,12 @@ def evaluate_suite(ecfg: EvalConfig, checkpoints: Optional[Sequence[str]] = None
   log = log or log_line
   ecfg.validate()
   registry.import_task_modules(ecfg.task_modules)
-  paths = list(checkpoints if checkpoints is not None else ecfg.checkpoints)
-  if not paths:
+  checkpoint_paths = list(checkpoints if checkpoints is not None else ecfg.checkpoints)
+  if not checkpoint_paths:
     raise ValueError('No checkpoint to evaluate: pass --checkpoint PATH or set CHECKPOINTS.')
   plans = plan_tasks(ecfg)
   named, seen = [], {}
-  for path in paths:
+  for path in checkpoint_paths:
     resolved = resolve.resolve_checkpoint(path)
     if any(p.with_prompt for p in plans) and not resolve.checkpoint_has_prompt(resolved):
       raise ValueError(

@@ -147,10 +147,16 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
   latest, restored, failures = None, None, []
   for candidate in reversed(ckpts.steps()):
     try:
-      params = ckpts.param_shapes(candidate)  # shapes only; restored below
+      stored = ckpts.param_shapes(candidate)  # shapes only; restored below
+      base = ckpts.base_of(candidate)         # set when it holds only the stage's part
+      params = stored if base is None else {**loading.base_shapes(cfg), **stored}
       sharded = sharding.build_sharded_step(cfg, stage, mesh, rules, params,
                                             run.loss_normalizing_factor)
-      restored = ckpts.restore(candidate, *sharding.abstract_on_mesh(sharded, params, stage))
+      abstract_params, abstract_opt = sharding.abstract_on_mesh(sharded, params, stage)
+      restored = ckpts.restore(candidate, {k: abstract_params[k] for k in stored}, abstract_opt)
+      if base is not None:   # the frozen rest, from the base the checkpoint names
+        frozen = sharding.place_frozen(sharded, loading.load_base(base, cfg))
+        restored = ({**frozen, **restored[0]}, *restored[1:])
       latest = candidate
       break
     except CorruptCheckpointError as e:
@@ -188,6 +194,12 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
     progress.log(f'resuming from {ckpts.path(latest)} (step {latest})')
 
   start = int(jax.device_get(state.step))
+  # A stage that trains only the prompt on top of the run's base saves just the prompt and a
+  # fingerprinted reference to the base (docs/RELIABILITY.md); other stages save everything.
+  base_ref = None
+  if stage.start_from != 'previous' and set(tree_util.flatten(state.trainable)) <= {
+      'prompt/prompt'}:
+    base_ref = loading.base_reference(run.initial_checkpoint_path, cfg, run.seed)
   # Every check passed and the state is on the mesh: only now is anything written.
   run.record_model_dir()
   progress.open_tensorboard(paths.join(stage_dir, 'tb'))
@@ -210,8 +222,9 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
 
   def checkpoint(done: int, validate_too: bool = True) -> None:
     full = merge_params(state.trainable, frozen)
-    ckpts.save(done, full, state.opt_state, cfg,
-               {'data': it.state(), 'stage': stage.name, 'train_metrics': last_metrics})
+    ckpts.save(done, state.trainable if base_ref else full, state.opt_state, cfg,
+               {'data': it.state(), 'stage': stage.name, 'train_metrics': last_metrics},
+               base=base_ref)
     if validate_too:
       val = validate(run, stage, eval_fn, full, mesh)
       if stage.keep_metric.startswith('validation/decode_'):

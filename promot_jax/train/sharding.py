@@ -115,6 +115,11 @@ def place_params(sharded: ShardedStep, params: Any, stage: Stage) -> tuple[Any, 
           jax.device_put(frozen, sharded.frozen_sharding))
 
 
+def place_frozen(sharded: ShardedStep, frozen: Any) -> Any:
+  """The frozen parameters alone (e.g. a stage-1 checkpoint's base) put on the mesh."""
+  return jax.device_put(frozen, sharded.frozen_sharding)
+
+
 def abstract_on_mesh(sharded: ShardedStep, params: Any, stage: Stage) -> tuple[Any, Any]:
   """(all parameters, optimizer state) as ShapeDtypeStructs carrying their mesh shardings:
   the restore targets of a stage's checkpoint."""
