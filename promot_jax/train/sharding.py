@@ -74,9 +74,8 @@ def build_sharded_step(cfg, stage: Stage, mesh, rules, params: Any,
   """Split `params` (arrays or ShapeDtypeStructs) for `stage` and jit its step with shardings.
 
   The one step builder: the trainer, `promot plan` and `promot bench` all call it. `params`
-  may be the t5x tree or the stacked (scanned-layer) tree; its logical axes follow it. With
-  the stacked tree Adafactor's parameter scale and update clipping see a whole stack, not
-  one layer, so training differs slightly from the unscanned step (memory and FLOPs match).
+  may be the t5x tree or the stacked (scanned-layer) tree; its logical axes follow it, and the
+  optimizer updates a stacked leaf layer by layer (train/optimizer.py), as unscanned.
   """
   specs = tree_util.flatten(transformer.logical_axes(cfg, stacked=stacking.is_stacked(params)))
   specs = tree_util.unflatten({p: specs[p] for p in tree_util.flatten(params)})
