@@ -13,8 +13,10 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from promot_jax import tree_util
 
 LogicalRules = Sequence[tuple[str, Optional[str]]]
 
@@ -121,3 +123,33 @@ def global_batch_from_host(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dic
   _, num_shards = host_data_shard(mesh)
   return {k: jax.make_array_from_process_local_data(
       sharding, v, (v.shape[0] * num_shards,) + v.shape[1:]) for k, v in host_batch.items()}
+
+
+def check_divisible(params: Any, shardings: Any, mesh) -> None:
+  """A clear error when a parameter's dimension does not split over its mesh axis."""
+  flat_params, flat_shardings = tree_util.flatten(params), tree_util.flatten(shardings)
+  for path, value in flat_params.items():
+    spec = flat_shardings[path].spec
+    for dim, axes in zip(value.shape, spec):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      parts = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+      if dim % parts:
+        raise ValueError(
+            f'{path} {tuple(value.shape)}: a dimension of {dim} cannot be split over the mesh '
+            f'axis {names} of size {parts} (mesh {dict(mesh.shape)}). Choose NUM_PARTITIONS '
+            f'that divides the model\'s heads, mlp and vocabulary sizes, or override the rule '
+            'for that axis in LOGICAL_AXIS_RULES.')
+
+
+def global_array(host_global: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A global array laid out by `sharding` from the whole value, which every process holds
+  (each process places only the pieces its devices hold)."""
+  return jax.make_array_from_callback(host_global.shape, sharding,
+                                      lambda index: host_global[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """The whole value of a (possibly multi-host) global array on every process, as numpy."""
+  if jax.process_count() == 1 or array.is_fully_addressable:
+    return np.asarray(array)
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))

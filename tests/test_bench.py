@@ -137,6 +137,18 @@ def test_bench_quick_writes_every_section_with_hf(tmp_path):
   assert set(result['profile']['finetune']) >= {'forward', 'forward+backward', 'optimizer'}
 
 
+def test_bench_scan_section_compiles_both_layouts(tmp_path, capsys):
+  out = tmp_path / 'bench.json'
+  assert cli.main(['bench', '--quick', '--no-hf', '--sections', 'scan', '--repeats', '1',
+                   '--json', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert set(result['scan']) == {'unrolled', 'scanned'}
+  for row in result['scan'].values():
+    assert row['step_s'] > 0 and row['compile_s'] > 0
+  assert result['ratios']['scanned / unrolled compile (model_tuning)'] > 0
+  assert 'ratio scanned / unrolled step (model_tuning)' in capsys.readouterr().out
+
+
 def test_synthetic_batch_has_no_padding_and_shifted_decoder_inputs():
   b = synthetic_batch(common.PRESETS['quick'], 512)
   assert (b['encoder_input_tokens'] >= 2).all() and (b['decoder_target_tokens'] >= 2).all()

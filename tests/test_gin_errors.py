@@ -91,6 +91,21 @@ def test_macros_that_something_reads_are_accepted(tmp_path):
   assert [s.name for s in run.stages] == ['prompt_tuning', 'model_tuning']
 
 
+def test_binding_what_a_model_file_macro_feeds_is_accepted_and_wins():
+  # config.T5Config.scan_layers bound directly leaves the model file's SCAN_LAYERS unread
+  run = loaders.load_run([RUN], ["--gin.MODEL_DIR='/unused'",
+                                 '--gin.config.T5Config.scan_layers=True'])
+  assert run.model_config.scan_layers
+  run = loaders.load_run([RUN], ["--gin.MODEL_DIR='/unused'", '--gin.SCAN_LAYERS=True',
+                                 "--gin.REMAT_POLICY='full'"])
+  assert run.model_config.scan_layers and run.model_config.remat_policy == 'full'
+
+
+def test_a_misspelt_scan_macro_names_the_right_one(tmp_path, model_dirs, capsys):
+  err = fails_cleanly('run', RUN, model_dirs, capsys, '--gin.SCAN_LAYER=True')
+  assert 'SCAN_LAYER ' in err and 'did you mean SCAN_LAYERS' in err
+
+
 def test_every_shipped_run_file_reads_all_its_macros():
   runs = os.path.join(gin_utils.GIN_DIR, 'runs')
   names = sorted(os.path.relpath(os.path.join(d, f), gin_utils.GIN_DIR)

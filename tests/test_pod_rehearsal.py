@@ -40,8 +40,9 @@ def environment():
   return dict(os.environ, PROMOT_HUGEPAGES='0', TF_CPP_MIN_LOG_LEVEL='3')
 
 
-def run(model_dir, processes, devices, partitions):
-  proc = subprocess.run(command(model_dir, processes, devices, partitions), env=environment(),
+def run(model_dir, processes, devices, partitions, *extra):
+  proc = subprocess.run(command(model_dir, processes, devices, partitions, *extra),
+                        env=environment(),
                         capture_output=True, text=True, timeout=TIMEOUT_S)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
@@ -94,6 +95,15 @@ def test_two_processes_train_like_one_with_all_devices(references, tmp_path, par
                                                                         partitions) in proc.stdout
   assert os.path.exists(os.path.join(model_dir, 'logs', 'process_1.log'))
   assert_same_training(references[partitions], model_dir)
+
+
+def test_scanned_layers_on_two_processes_train_like_unrolled_on_one(references, tmp_path):
+  """The scanned step (SCAN_LAYERS, full remat) with the model axis across both processes
+  trains like the unrolled step on one process; its checkpoints hold the t5x tree."""
+  model_dir = str(tmp_path / 'scanned_pod')
+  proc = run(model_dir, 2, 4, 8, '--gin.SCAN_LAYERS=True', "--gin.REMAT_POLICY='full'")
+  assert 'scanned layers (remat full)' in proc.stdout
+  assert_same_training(references[8], model_dir)
 
 
 def _child_pid(model_dir, process_id):

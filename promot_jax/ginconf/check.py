@@ -175,10 +175,34 @@ def where_set(name: str, files: Sequence[str], bindings: Sequence[str]) -> str:
   return 'the gin configuration'
 
 
+def _set_only_in(name: str, files: Sequence[str], bindings: Sequence[str],
+                 directories: Sequence[str]) -> bool:
+  """Whether macro NAME is set only by files under `directories` (not by a flag or another file)."""
+  if not directories:
+    return False
+  pattern = re.compile(rf'^\s*{re.escape(name)}\s*=')
+  if any(pattern.match(b) for b in bindings):
+    return False
+  roots = tuple(os.path.join(os.path.abspath(d), '') for d in directories)
+  for path in files:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      sets = any(pattern.match(line) for line in f.read().splitlines())
+    if sets and not os.path.abspath(path).startswith(roots):
+      return False
+  return True
+
+
 def check_unread_macros(files: Sequence[str], bindings: Sequence[str],
-                        read_by_code: Iterable[str] = ()) -> None:
-  """Raise a one-line ValueError naming every macro nothing reads and its closest read one."""
-  unread = unread_macros(read_by_code)
+                        read_by_code: Iterable[str] = (),
+                        building_blocks: Sequence[str] = ()) -> None:
+  """Raise a one-line ValueError naming every macro nothing reads and its closest read one.
+
+  A macro set only by a building-block file (`building_blocks`: directories of model and stage
+  files) is left alone when nothing reads it: the run replaced the binding that read it (e.g.
+  `config.T5Config.scan_layers = True` instead of `SCAN_LAYERS = True`).
+  """
+  unread = [name for name in unread_macros(read_by_code)
+            if not _set_only_in(name, files, bindings, building_blocks)]
   if not unread:
     return
   _, referenced, _ = macro_usage()

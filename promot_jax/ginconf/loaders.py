@@ -7,6 +7,7 @@ layer reads gin.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -14,6 +15,9 @@ import gin
 from promot_jax.eval.suite import EvalConfig
 from promot_jax.ginconf import check, parse
 from promot_jax.train.run_config import RunConfig
+
+# Model and stage files: a run may bind what their macros feed directly (check_unread_macros).
+BUILDING_BLOCKS = tuple(os.path.join(parse.GIN_DIR, d) for d in ('models', 'stages'))
 
 # Macros an eval file may set (gin/eval/base.gin); others are reported.
 EVAL_MACROS = frozenset((
@@ -32,7 +36,7 @@ def load_run(gin_files: Sequence[str], gin_flags: Sequence[str],
   """
   bindings = parse.gin_flags_to_bindings(gin_flags)
   files = parse.parse_gin(gin_files, bindings, search_paths)
-  check.check_unread_macros(files, bindings)
+  check.check_unread_macros(files, bindings, building_blocks=BUILDING_BLOCKS)
   try:
     return gin.get_configurable(RunConfig)()
   except (ValueError, TypeError) as e:

@@ -18,7 +18,8 @@ attention layer):
   model weights train (model_tuning, finetune, joint): 3M + 3A  (forward, activation grads, weight grads)
   only the prompt trains (prompt_tuning):              2M + 3A  (no weight gradients)
 
-With scan_layers=True the step is the trainer's builder over the stacked tree, and its FLOPs
+With SCAN_LAYERS the step is the one the trainer runs over the stacked tree
+(train.sharding.build_stage_layout), and its FLOPs
 come from the unrolled step's HLO cost analysis, because XLA's compiled cost analysis counts a
 loop body once. TPU chips, topologies and memory accounting live in plan_hardware.py.
 """
@@ -92,9 +93,10 @@ def _add_speed(row: dict, budget: Budget, num_devices: int) -> dict:
 
 
 def build_step(run, stage, mesh, params):
-  """The trainer's own step builder (train.sharding), on the t5x or the stacked tree."""
+  """The step the trainer jits (train.sharding.build_stage_layout of the t5x tree `params`):
+  over the stacked tree with SCAN_LAYERS."""
   cfg, rules, lnf = run.model_config, run.rules(), run.loss_normalizing_factor
-  return sharding.build_sharded_step(cfg, stage, mesh, rules, params, lnf)
+  return sharding.build_stage_layout(cfg, stage, mesh, rules, params, lnf).step
 
 
 def _abstract_args(run, stage, params, abstract_opt, batch_size: int) -> tuple:
@@ -125,8 +127,8 @@ def hlo_flops(run, stage, batch_size: int) -> float:
 def plan_train(run, stage, mesh, batch_size: int, budget: Budget) -> dict:
   """Compile the stage's train step exactly as the trainer builds it; one result row."""
   cfg, lengths = run.model_config, run.task_feature_lengths
+  sharded = build_step(run, stage, mesh, stage_params(run, stage))
   params = stage_params(run, stage, stacked=cfg.scan_layers)
-  sharded = build_step(run, stage, mesh, params)
   args = _abstract_args(run, stage, params, sharded.abstract_opt_state, batch_size)
   trainable, frozen = split_params(params, stage)
   mesh_text = 'x'.join(map(str, mesh.shape.values()))
@@ -266,8 +268,7 @@ def _header(run, topo: Topology, budget: Budget, num_devices: int) -> str:
            f'local devices ({num_devices})')
   budget_text = (f'budget/device: HBM {_gib(budget.hbm_bytes)}, peak '
                  f'{_num(budget.peak_flops, " TFLOP/s", 1e12)}')
-  scan = ('; scanned layers (the trainer does not run them yet; without remat their memory '
-          'exceeds the unrolled step\'s)' if cfg.scan_layers else '')
+  scan = '; scanned layers (SCAN_LAYERS)' if cfg.scan_layers else ''
   return (f'plan for {where}\n{budget_text}\nmodel: {n / 1e9:.2f}B parameters, activations '
           f'{cfg.dtype}, remat {cfg.remat_policy}; batch {run.batch_size}, inputs '
           f'{lengths["inputs"]} + prompt {cfg.prompt_length}, targets {lengths["targets"]}{scan}')

@@ -4,6 +4,10 @@ A stage starts from the run's pretrained checkpoint (prompt from its initialiser
 the previous stage's kept checkpoint, or resumes from its own latest checkpoint in
 MODEL_DIR/<stage>/ with the data iterator at the same position. Everything the step
 touches is laid out by the logical axis rules on the (data, model) mesh.
+
+With `T5Config.scan_layers` (gin macro SCAN_LAYERS) the step trains the stacked tree; what
+it restores, saves, validates and decodes is the t5x tree (train.sharding.StageLayout), so
+scanned and unrolled runs share their checkpoints.
 """
 
 from __future__ import annotations
@@ -150,12 +154,12 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
       stored = ckpts.param_shapes(candidate)  # shapes only; restored below
       base = ckpts.base_of(candidate)         # set when it holds only the stage's part
       params = stored if base is None else {**loading.base_shapes(cfg), **stored}
-      sharded = sharding.build_sharded_step(cfg, stage, mesh, rules, params,
-                                            run.loss_normalizing_factor)
-      abstract_params, abstract_opt = sharding.abstract_on_mesh(sharded, params, stage)
+      layout = sharding.build_stage_layout(cfg, stage, mesh, rules, params,
+                                           run.loss_normalizing_factor)
+      abstract_params, abstract_opt = sharding.abstract_on_mesh(layout.t5x, params, stage)
       restored = ckpts.restore(candidate, {k: abstract_params[k] for k in stored}, abstract_opt)
       if base is not None:   # the frozen rest, from the base the checkpoint names
-        frozen = sharding.place_frozen(sharded, loading.load_base(base, cfg))
+        frozen = sharding.place_frozen(layout.t5x, loading.load_base(base, cfg))
         restored = ({**frozen, **restored[0]}, *restored[1:])
       latest = candidate
       break
@@ -178,16 +182,18 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
 
   if restored is None:
     params = _prepare_starting_params(run, stage, previous, progress.log)
-    sharded = sharding.build_sharded_step(cfg, stage, mesh, rules, params,
-                                          run.loss_normalizing_factor)
-    trainable, frozen = sharding.place_params(sharded, params, stage)
-    state = sharding.init_state_on_mesh(sharded, trainable)
+    layout = sharding.build_stage_layout(cfg, stage, mesh, rules, params,
+                                         run.loss_normalizing_factor)
+    trainable, frozen, _ = layout.to_step(*sharding.place_params(layout.t5x, params, stage))
+    del params
+    state = sharding.init_state_on_mesh(layout.step, trainable)
     data_state = {'batches_consumed': 0}
     progress.log(f'fresh start: {tree_util.count_params(trainable):,} trainable / '
                  f'{tree_util.count_params(frozen):,} frozen parameters')
   else:
     restored_params, opt_state, saved = restored
-    trainable, frozen = split_params(restored_params, stage)
+    trainable, frozen, opt_state = layout.to_step(*split_params(restored_params, stage), opt_state)
+    del restored, restored_params
     state = TrainState(step=jax.device_put(np.int32(latest), partitioning.replicated(mesh)),
                        trainable=trainable, opt_state=opt_state)
     data_state = saved.get('data', {'batches_consumed': latest})
@@ -208,7 +214,10 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
                                 run.batch_size, seed=run.seed, shuffle=True, repeat=True,
                                 start_batch=data_state['batches_consumed'],
                                 shard_index=shard_index, num_shards=num_shards)
-  step_fn = sharded.step_fn
+  step_fn = layout.step.step_fn
+  if layout.scanned:
+    progress.log(f'scanned layers (remat {cfg.remat_policy}); checkpoints keep the t5x layout')
+  cfg = cfg.replace(scan_layers=False)     # what validation and decoding see: the t5x tree
   eval_fn = jax.jit(make_eval_step(cfg, stage))
   rng = jax.random.PRNGKey(run.seed + 1000 * (1 + run.stage_index(stage.name)))
   lengths = run.task_feature_lengths
@@ -221,8 +230,9 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
   last_metrics: dict = {}
 
   def checkpoint(done: int, validate_too: bool = True) -> None:
-    full = merge_params(state.trainable, frozen)
-    ckpts.save(done, state.trainable if base_ref else full, state.opt_state, cfg,
+    trainable, t5x_frozen, opt_state = layout.to_t5x(state.trainable, frozen, state.opt_state)
+    full = merge_params(trainable, t5x_frozen)
+    ckpts.save(done, trainable if base_ref else full, opt_state, cfg,
                {'data': it.state(), 'stage': stage.name, 'train_metrics': last_metrics},
                base=base_ref)
     if validate_too:

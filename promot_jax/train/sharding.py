@@ -4,6 +4,10 @@
 derives every sharding from the logical axis rules (parameters, Adafactor's factored
 moments, batches) and jits the train step with them; `place_params` and
 `init_state_on_mesh` put a stage's starting parameters and fresh optimizer state there.
+
+`StageLayout` is what the trainer holds: the step it runs (over the stacked tree when
+`T5Config.scan_layers`) and the t5x layout that checkpoints, validation and evaluation see,
+with jitted moves between the two on the mesh.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ def build_sharded_step(cfg, stage: Stage, mesh, rules, params: Any,
   t_specs, f_specs = split_params(specs, stage)
   t_shard = partitioning.logical_to_sharding(t_specs, mesh, rules)
   f_shard = partitioning.logical_to_sharding(f_specs, mesh, rules)
-  check_divisible(merge_params(*split_params(params, stage)),
+  partitioning.check_divisible(merge_params(*split_params(params, stage)),
                   merge_params(t_shard, f_shard), mesh)
   optimizer = make_optimizer(stage, trainable)
   abstract_trainable = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -130,17 +134,59 @@ def abstract_on_mesh(sharded: ShardedStep, params: Any, stage: Stage) -> tuple[A
           with_sharding(sharded.abstract_opt_state, sharded.state_sharding.opt_state))
 
 
-def check_divisible(params: Any, shardings: Any, mesh) -> None:
-  """A clear error when a parameter's dimension does not split over its mesh axis."""
-  flat_params, flat_shardings = tree_util.flatten(params), tree_util.flatten(shardings)
-  for path, value in flat_params.items():
-    spec = flat_shardings[path].spec
-    for dim, axes in zip(value.shape, spec):
-      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      parts = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-      if dim % parts:
-        raise ValueError(
-            f'{path} {tuple(value.shape)}: a dimension of {dim} cannot be split over the mesh '
-            f'axis {names} of size {parts} (mesh {dict(mesh.shape)}). Choose NUM_PARTITIONS '
-            f'that divides the model\'s heads, mlp and vocabulary sizes, or override the rule '
-            'for that axis in LOGICAL_AXIS_RULES.')
+
+@dataclasses.dataclass
+class StageLayout:
+  """The layout the step trains and the t5x layout checkpoints keep, for one stage.
+
+  Without `cfg.scan_layers` both are one ShardedStep and the moves return their inputs. With
+  it, `step` trains the stacked tree and `t5x` gives the checkpoint layout's shardings and
+  optimizer-state structure (its own step function is never compiled). `to_step`/`to_t5x`
+  move parameters and optimizer state between them on the mesh (one jitted call each, the
+  output laid out by the target's shardings), so a scanned run reads and writes the same
+  checkpoints as an unrolled one. A move holds both layouts of what it moves for its duration.
+  """
+  cfg: Any
+  step: ShardedStep
+  t5x: ShardedStep
+
+  @property
+  def scanned(self) -> bool:
+    return self.step is not self.t5x
+
+  def to_step(self, trainable: Any, frozen: Any, opt_state: Any = None) -> tuple[Any, Any, Any]:
+    """(trainable, frozen, opt_state) in the t5x layout -> the step's layout."""
+    if not self.scanned:
+      return trainable, frozen, opt_state
+    return self._move(trainable, frozen, opt_state, stacking.stack_layers,
+                      stacking.stack_opt_state, self.step)
+
+  def to_t5x(self, trainable: Any, frozen: Any, opt_state: Any = None) -> tuple[Any, Any, Any]:
+    """(trainable, frozen, opt_state) in the step's layout -> the t5x (checkpoint) layout."""
+    if not self.scanned:
+      return trainable, frozen, opt_state
+    return self._move(trainable, frozen, opt_state, stacking.unstack_layers,
+                      stacking.unstack_opt_state, self.t5x)
+
+  def _move(self, trainable, frozen, opt_state, move_params, move_opt, target: ShardedStep):
+    cfg = self.cfg
+    params_fn = jax.jit(lambda t, f: (move_params(t, cfg), move_params(f, cfg)),
+                        out_shardings=(target.trainable_sharding, target.frozen_sharding))
+    trainable, frozen = params_fn(trainable, frozen)
+    if opt_state is not None:
+      opt_state = jax.jit(lambda o: move_opt(o, cfg),
+                          out_shardings=target.state_sharding.opt_state)(opt_state)
+    return trainable, frozen, opt_state
+
+
+def build_stage_layout(cfg, stage: Stage, mesh, rules, params: Any,
+                       loss_normalizing_factor: Optional[float] = None) -> StageLayout:
+  """The StageLayout of `stage` for t5x-tree `params` (arrays or ShapeDtypeStructs)."""
+  unrolled = cfg.replace(scan_layers=False)
+  t5x = build_sharded_step(unrolled, stage, mesh, rules, params, loss_normalizing_factor)
+  if not cfg.scan_layers:
+    return StageLayout(cfg, t5x, t5x)
+  stacked = stacking.stack_layers(
+      jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), cfg)
+  step = build_sharded_step(cfg, stage, mesh, rules, stacked, loss_normalizing_factor)
+  return StageLayout(cfg, step, t5x)

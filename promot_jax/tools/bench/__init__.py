@@ -11,6 +11,7 @@ Sections (each a median over --repeats calls, compile time apart):
           round-robin with the promot_jax steps so every ratio comes from one run
   decode  greedy and beam search with the cache vs transformers' generate
   data    seqio input pipeline examples/s
+  scan    stage 2's step unrolled vs scanned (SCAN_LAYERS): compile time and step time
   profile (--profile) where a step's time goes: forward / backward / optimizer, logits share
 """
 
@@ -56,7 +57,8 @@ def ratios(result: dict) -> dict:
   dec = result.get('decode', {})
   s = lambda d, k: (d.get(k) or {}).get('step_s')  # noqa: E731
   beam = f'beam{result["config"]["beam_size"]}'
-  return {
+  scan = result.get('scan')
+  out = {
       'prompt_tuning / hf_peft_prompt_tuning': _ratio(s(train, 'prompt_tuning'),
                                                       s(hf, 'peft_prompt_tuning')),
       'finetune / hf_full_finetune': _ratio(s(train, 'finetune'), s(hf, 'full_finetune')),
@@ -64,6 +66,11 @@ def ratios(result: dict) -> dict:
       'greedy / hf_greedy': _ratio(dec.get('promot_jax/greedy'), dec.get('hf/greedy')),
       f'{beam} / hf_{beam}': _ratio(dec.get(f'promot_jax/{beam}'), dec.get(f'hf/{beam}')),
   }
+  if scan:   # --sections scan
+    out['scanned / unrolled compile (model_tuning)'] = _ratio(scan['scanned']['compile_s'],
+                                                              scan['unrolled']['compile_s'])
+    out['scanned / unrolled step (model_tuning)'] = _ratio(s(scan, 'scanned'), s(scan, 'unrolled'))
+  return out
 
 
 def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode', 'data'),
@@ -122,6 +129,13 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
     if result['data']:
       log(f'  {result["data"]["examples_per_s"]:.0f} examples/s')
 
+  if 'scan' in sections:
+    timers, infos = jax_bench.scan_timers(bc, params, batch, log=log)
+    log(f'scan {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
+    run_round_robin(timers, bc.repeats, log)
+    result['scan'] = jax_bench.finish_train_rows(timers, infos)
+    del timers
+
   if profile:
     log('profile: where a step\'s time goes')
     result['profile'] = profile_lib.breakdown(bc, params, batch, log)
@@ -140,6 +154,10 @@ def format_summary(result: dict) -> str:
   for name, row in (result.get('hf_train') or {}).items():
     lines.append(f'hf {name:<31}{row["step_s"]:>10.3f}{row["first_call_s"]:>10.2f}'
                  f'{"":>11}{row["optimizer_state_bytes"]:>14,}')
+  for name, row in (result.get('scan') or {}).items():
+    lines.append(f'promot_jax model_tuning {name:<11}{row["step_s"]:>10.3f}'
+                 f'{row["first_call_s"]:>10.2f}{row["tokens_per_s"]:>11.0f}   compile '
+                 f'{row["compile_s"]:.1f} s')
   for name, tps in (result.get('decode_tokens_per_s') or {}).items():
     lines.append(f'decode {name:<27}{result["decode"][name]:>10.3f}{"":>10}{tps:>11.1f}')
   if result.get('data'):

@@ -49,15 +49,17 @@ class StageStep:
   """One stage's jitted train step, compiled ahead of time, with its live (donated) state."""
 
   def __init__(self, bc: BenchConfig, stage: Stage, params: dict, batch: dict, mesh=None,
-               aot: bool = True):
-    cfg = model_config(bc)
+               aot: bool = True, scan_layers: bool = False):
+    cfg = model_config(bc).replace(scan_layers=scan_layers)
     self.stage, self.bc = stage, bc
     mesh = mesh or partitioning.make_mesh()
     rules = partitioning.standard_logical_axis_rules()
     if not stage.with_prompt and not stage.is_trainable('prompt/prompt'):
       params = prompt.without_prompt(params)
-    self.sharded = sharding.build_sharded_step(cfg, stage, mesh, rules, params)
-    trainable, self.frozen = sharding.place_params(self.sharded, params, stage)
+    # As the trainer does (train/loop.py): the t5x tree placed, then moved to the step's layout.
+    layout = sharding.build_stage_layout(cfg, stage, mesh, rules, params)
+    self.sharded = layout.step
+    trainable, self.frozen, _ = layout.to_step(*sharding.place_params(layout.t5x, params, stage))
     self.state = sharding.init_state_on_mesh(self.sharded, trainable)
     self.batch = partitioning.global_batch_from_host(batch, mesh)
     self.rng = jax.random.PRNGKey(bc.seed)
@@ -107,10 +109,23 @@ def train_step_timers(bc: BenchConfig, params: dict, batch: dict,
   return timers, infos
 
 
+def scan_timers(bc: BenchConfig, params: dict, batch: dict, stage_name: str = 'model_tuning',
+                log: Callable[[str], None] = print) -> tuple[list[Timer], dict]:
+  """The stage's step with unrolled and with scanned layers (SCAN_LAYERS), compiled side by
+  side: compile time is what scanning is for; the step time shows what it costs."""
+  timers, infos = [], {}
+  for name, scan in (('unrolled', False), ('scanned', True)):
+    step = StageStep(bc, stage_for(stage_name), params, batch, scan_layers=scan)
+    infos[name] = step.info()
+    log(f'  promot_jax {stage_name} {name}: compiled in {step.compile_s:.1f} s')
+    timers.append(Timer(f'promot_jax/{stage_name}/{name}', step))
+  return timers, infos
+
+
 def finish_train_rows(timers: list[Timer], infos: dict) -> dict:
   rows = {}
   for t in timers:
-    name = t.name.split('/', 1)[1]
+    name = t.name.rsplit('/', 1)[1]
     row = dict(infos[name], step_s=t.median_s, first_call_s=t.first_s, step_times_s=t.times)
     row['tokens_per_s'] = row['tokens_per_step'] / t.median_s if t.median_s else None
     rows[name] = row
