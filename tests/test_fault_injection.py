@@ -210,7 +210,8 @@ def test_clean_partial_puts_back_a_step_moved_aside_by_a_crashed_resave(two_save
 
 # ---- through the trainer (tiny CPU runs) ---------------------------------------------------------
 def _train(model_dir, pretrained_path, steps: int) -> tuple[int, str, str]:
-  """`promot train` of stage 1 for `steps` (checkpoint every 5, dropout on): (code, out, err)."""
+  """`promot train` of stage 1 for `steps` (checkpoint every 5): (code, out, err). Stage 1 has no
+  dropout (DROPOUT_RATE feeds the model-tuning stage only)."""
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     code = cli.main(['train', '--gin_file', RUN, f"--gin.MODEL_DIR='{model_dir}'",
@@ -292,7 +293,7 @@ def test_damaged_latest_is_set_aside_and_the_previous_one_resumes(resumed, fault
 
 
 def test_resuming_from_an_older_checkpoint_is_still_exact(resumed):
-  """10 steps redone from checkpoint_5 equal 5 steps done from checkpoint_10 (incl. dropout)."""
+  """10 steps redone from checkpoint_5 equal 5 steps done from checkpoint_10."""
   reference = _final(resumed['tmp_left'][3])
   for fault in ('truncated', 'bad_state'):
     got = _final(resumed[fault][3])
