@@ -8,6 +8,7 @@ axes, which stay replicated: the prompt is tiny and every data shard needs all o
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -37,6 +38,21 @@ STANDARD_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ('prompt', None),
     ('prompt_embed', None),
 )
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """jax.distributed.initialize once per process (every host runs the same command). On Cloud
+  TPU every argument is discovered; CPU processes (a rehearsal) talk through gloo."""
+  if jax.distributed.is_initialized():
+    return
+  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
+                                  num_processes=num_processes,
+                                  process_id=process_id).items() if v is not None}
+  jax.distributed.initialize(**kwargs)
 
 
 def standard_logical_axis_rules(additional_rules: LogicalRules = ()) -> tuple:

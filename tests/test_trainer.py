@@ -9,6 +9,7 @@ import pytest
 
 from promot_jax import cli, tree_util
 from promot_jax.checkpoints import orbax_io, resolve
+from promot_jax.eval import task as eval_task
 
 RUN = 'runs/promot_tiny_cpu.gin'
 
@@ -151,3 +152,21 @@ def test_kept_checkpoint_is_chosen_by_the_decoding_metric(finished_run):
         assert 0 <= metrics['validation/decode_accuracy'] <= 100
         scores[int(n.split('_')[1])] = metrics['validation/decode_accuracy']
     assert kept['value'] == max(scores.values())
+
+
+def test_keep_decode_beam_decodes_the_validation_split_with_beam_search(tmp_path, pretrained,
+                                                                        monkeypatch):
+  seen = []
+  original = eval_task.validation_metrics
+
+  def recording(*args, **kwargs):
+    seen.append(kwargs['decoding_method'])
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(eval_task, 'validation_metrics', recording)
+  assert cli.main(['train', *_flags(tmp_path / 'beam', pretrained.path), '--stage',
+                   'prompt_tuning', '--gin.TRAIN_STEPS=2', '--gin.PROMPT_CHECKPOINT_PERIOD=2',
+                   "--gin.KEEP_DECODE='beam'"]) == 0
+  assert seen == ['beam']
+  assert cli.main(['train', *_flags(tmp_path / 'bad', pretrained.path), '--stage',
+                   'prompt_tuning', "--gin.KEEP_DECODE='sample'"]) == 2

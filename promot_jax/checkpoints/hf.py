@@ -241,13 +241,18 @@ def is_hf_checkpoint(path: str) -> bool:
     return False
 
 
-def load_hf_params(path: str, config: Optional[T5Config] = None) -> tuple[T5Config, dict]:
+def load_hf_params(path: str, config: Optional[T5Config] = None,
+                   place: Optional[Callable[[str, np.ndarray], Any]] = None
+                   ) -> tuple[T5Config, dict]:
   """(config, params) from a local HF MT5/T5 v1.1 ForConditionalGeneration directory.
 
   Params are float32 numpy arrays in the t5x tree of `promot_jax.model.transformer` (no prompt). When
   `config` is None it comes from the directory's config.json; otherwise the weights must
   match its shapes (a prompt_length > 0 is allowed: the prompt is simply absent).
+  `place(path, array)` (e.g. onto a mesh) is applied to each leaf as soon as it is read, so
+  the host holds one leaf at a time.
   """
+  place = place or (lambda _, array: array)
   path = os.fspath(path)
   kind, files = _weight_files(path)
   hf = _read_hf_json(path)
@@ -299,14 +304,15 @@ def load_hf_params(path: str, config: Optional[T5Config] = None) -> tuple[T5Conf
   flat: dict[str, np.ndarray] = {}
   for hf_name, ours, transposed in rows:
     if hf_name in readers:
-      flat[ours] = _to_ours(readers[hf_name](), transposed)
+      flat[ours] = place(ours, _to_ours(readers[hf_name](), transposed))
   if _LM_HEAD not in readers and 'token_embedder/embedding' in flat:
     if not hf.get('tie_word_embeddings', model_type != 'mt5'):
       raise ValueError(f'{path} has no {_LM_HEAD} although its {CONFIG_NAME} declares an untied '
                        'output head (tie_word_embeddings=false); the weight files are incomplete.')
     # transformers 5 ties lm_head to shared (and then saves no lm_head.weight); without output
     # rescaling (checked above) the head is a copy of the embedding table.
-    flat['decoder/logits_dense/kernel'] = np.ascontiguousarray(flat['token_embedder/embedding'].T)
+    flat['decoder/logits_dense/kernel'] = place('decoder/logits_dense/kernel', np.ascontiguousarray(
+        _to_ours(readers[_SHARED](), False).T))
 
   params = tree_util.unflatten(flat)
   tree_util.check_tree_matches(params, model.abstract_params(config), source=path,

@@ -16,10 +16,10 @@ import jax
 
 import numpy as np
 
-from promot_jax import paths, tree_util
+from promot_jax import mesh as partitioning, paths, tree_util
 from promot_jax.checkpoints import hf, orbax_io, t5x
 from promot_jax.model import transformer as model
-from promot_jax.model.config import T5Config
+from promot_jax.model.config import T5Config, config_from_hf
 
 FORMATS = ('auto', 'hf', 't5x', 'orbax')
 
@@ -128,9 +128,8 @@ def base_reference(path: Optional[str], config: T5Config, seed: int) -> dict[str
   return {'random_init_seed': seed, 'fingerprint': hashlib.sha256(arch.encode()).hexdigest()}
 
 
-def load_base(base: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
-  """The frozen base parameters (float32 numpy, no prompt) a stage-1 checkpoint refers to;
-  a clear error when the base changed or is another one than the checkpoint was trained on."""
+def check_base(base: Mapping[str, Any], config: T5Config) -> None:
+  """A clear error when the base a stage-1 checkpoint names changed or is another one."""
   current = base_reference(base.get('path'), config, base.get('random_init_seed', 0))
   if current['fingerprint'] != base['fingerprint']:
     raise ValueError(
@@ -138,6 +137,12 @@ def load_base(base: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
         f'checkpoint was trained on: fingerprint {current["fingerprint"][:16]} now, '
         f'{base["fingerprint"][:16]} when it was saved. Restore that base, or start stage 1 '
         'again from the new one.')
+
+
+def load_base(base: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
+  """The frozen base parameters (float32 numpy, no prompt) a stage-1 checkpoint refers to;
+  a clear error when the base changed or is another one than the checkpoint was trained on."""
+  check_base(base, config)
   if 'path' in base:
     return load_pretrained(base['path'], config.replace(prompt_length=0))[1]
   return jax.tree_util.tree_map(np.asarray, model.init_params(
@@ -147,3 +152,83 @@ def load_base(base: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
 def base_shapes(config: T5Config) -> dict[str, Any]:
   """The shapes of the base parameters (everything but the prompt)."""
   return model.abstract_params(config.replace(prompt_length=0))
+
+
+# ------------------------------------------------------------------------ straight onto a mesh
+# Evaluation of a model larger than one device (mT5 XXL: ~52 GB in float32) reads each leaf
+# into the mesh's shardings: orbax and t5x (tensorstore) read only the slices a process's
+# devices hold; Hugging Face weights are read one leaf at a time and placed.
+
+
+def param_shardings(config: T5Config, shapes: Mapping[str, Any], mesh, rules) -> dict[str, Any]:
+  """{path: NamedSharding} of the parameters `shapes` ({path: shape}) by the logical axis
+  rules; a clear error when a dimension does not split over its mesh axis."""
+  specs = tree_util.flatten(model.logical_axes(config))
+  missing = sorted(set(shapes) - set(specs))
+  if missing:
+    raise ValueError(f'The checkpoint holds parameters the model has no place for: {missing[:5]}')
+  out = {p: partitioning.logical_to_sharding(specs[p], mesh, rules) for p in shapes}
+  partitioning.check_divisible({p: jax.ShapeDtypeStruct(tuple(s), np.float32)
+                                for p, s in shapes.items()}, out, mesh)
+  return out
+
+
+def _shape_of(value: Any) -> tuple:
+  return tuple(value.shape) if hasattr(value, 'shape') else tuple(value)
+
+
+def load_on_mesh(path: str, mesh, rules, config: Optional[T5Config] = None,
+                 dtype: Any = None, fmt: str = 'auto') -> tuple[T5Config, dict[str, Any]]:
+  """(config, params as global jax.Arrays laid out on `mesh`) from any readable checkpoint.
+
+  Like `load_pretrained`, but no leaf is gathered on one device or (except replicated leaves)
+  whole in host memory; floating leaves are cast to `dtype` (e.g. bfloat16) while reading.
+  A stage-1 checkpoint is rebuilt from its base the same way.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f'Unknown checkpoint format {fmt!r}; choose one of {FORMATS}.')
+  fmt = detect_format(path) if fmt == 'auto' else fmt
+  cast = lambda x: x if dtype is None or not np.issubdtype(x.dtype, np.floating) \
+      else x.astype(dtype)  # noqa: E731
+  if fmt == 'orbax':
+    found_cfg = orbax_io.read_config(path)
+    config = config or found_cfg
+    stored = tree_util.flatten(orbax_io.param_shapes(path))
+    shardings = param_shardings(config, {p: v.shape for p, v in stored.items()}, mesh, rules)
+    abstract = {p: jax.ShapeDtypeStruct(v.shape, v.dtype if dtype is None else dtype,
+                                        sharding=shardings[p]) for p, v in stored.items()}
+    params = orbax_io.restore_params(path, tree_util.unflatten(abstract))
+    base = orbax_io.read_meta(path).get('base')
+    if base is not None:   # the frozen rest, from the base it names (fingerprint checked)
+      params = {**_base_on_mesh(base, found_cfg, mesh, rules, dtype), **params}
+  elif fmt == 't5x':
+    found: dict[str, T5Config] = {}
+
+    def shardings_for(shapes: dict[str, tuple]) -> dict[str, Any]:
+      found['config'] = config_from_params(
+          tree_util.unflatten({p: jax.ShapeDtypeStruct(s, np.float32) for p, s in shapes.items()}))
+      return param_shardings(config or found['config'], shapes, mesh, rules)
+
+    params = t5x.load_t5x_params(path, dtype=dtype or np.float32, shardings_for=shardings_for)
+    config = config or found['config']
+  else:
+    def place(name: str, array: np.ndarray) -> jax.Array:
+      sharding = param_shardings(config, {name: array.shape}, mesh, rules)[name]
+      return partitioning.global_array(cast(array), sharding)
+
+    config = config or config_from_hf(path)
+    _, params = hf.load_hf_params(path, config.replace(prompt_length=0), place=place)
+  tree_util.check_tree_matches(params, model.abstract_params(config), source=path,
+                               ignore_missing=('prompt',))
+  return config, params
+
+
+def _base_on_mesh(base: Mapping[str, Any], config: T5Config, mesh, rules, dtype) -> dict:
+  check_base(base, config)
+  if 'path' in base:
+    return load_on_mesh(base['path'], mesh, rules, config.replace(prompt_length=0), dtype)[1]
+  params = tree_util.flatten(load_base(base, config))
+  shardings = param_shardings(config, {p: v.shape for p, v in params.items()}, mesh, rules)
+  return tree_util.unflatten({
+      p: partitioning.global_array(v if dtype is None else v.astype(dtype), shardings[p])
+      for p, v in params.items()})

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from promot_jax import paths
 from promot_jax.checkpoints import loading, orbax_io
@@ -54,8 +55,17 @@ def checkpoint_has_prompt(resolved: str) -> bool:
   return fmt == 't5x' and 'prompt' in loading.load_pretrained(resolved, fmt='t5x')[1]
 
 
-def load_checkpoint(resolved: str) -> tuple[T5Config, Any]:
-  """(config without dropout, params on the default device) from any readable checkpoint."""
+def load_checkpoint(resolved: str, mesh=None, rules=None,
+                    dtype: Any = None) -> tuple[T5Config, Any]:
+  """(config without dropout, params) from any readable checkpoint.
+
+  Without `mesh` the params go to the default device. With it they are global arrays laid
+  out by the logical axis `rules` on the mesh, read shard by shard (loading.load_on_mesh),
+  cast to `dtype` (e.g. 'bfloat16') while reading.
+  """
+  if mesh is not None:
+    cfg, params = loading.load_on_mesh(resolved, mesh, rules, dtype=dtype)
+    return cfg.replace(dropout_rate=0.0), params
   if orbax_io.is_orbax_checkpoint(resolved) and orbax_io.read_meta(resolved).get('base') is None:
     cfg, params = orbax_io.read_config(resolved), orbax_io.restore_params(resolved)
   else:   # other formats, and stage-1 checkpoints rebuilt from their base
@@ -63,4 +73,51 @@ def load_checkpoint(resolved: str) -> tuple[T5Config, Any]:
   # Host arrays would be copied to the device at every batch: place them once.
   params = jax.tree_util.tree_map(
       lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
+  if dtype is not None:
+    params = jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(
+        x.dtype, jnp.floating) else x, params)
   return cfg.replace(dropout_rate=0.0), params
+
+
+def expand_checkpoints(path: str, every: bool = False) -> list[str]:
+  """The checkpoints a --checkpoint path means.
+
+  A checkpoint: itself. A stage directory: its kept checkpoint, or with `every` each of its
+  complete checkpoints. A run's MODEL_DIR (stage directories inside): the same for each stage,
+  in the order the stages ran. Anything else (pretrained weights): itself.
+  """
+  path = paths.absolute(path)
+  if not paths.exists(path):
+    raise FileNotFoundError(f'No checkpoint at {path}: the path does not exist.')
+  if orbax_io.is_orbax_checkpoint(path):
+    return [path]
+
+  def of_stage(stage_dir: str) -> list[str]:
+    ckpts = StageCheckpoints(stage_dir)
+    if every:
+      return [ckpts.path(step) for step in ckpts.steps()]
+    return [resolve_checkpoint(stage_dir)]
+
+  if StageCheckpoints(path).steps():
+    return of_stage(path)
+  stages = [paths.join(path, n) for n in sorted(paths.listdir(path))
+            if paths.isdir(paths.join(path, n)) and StageCheckpoints(paths.join(path, n)).steps()]
+  if stages:
+    stages.sort(key=_stage_order(path))
+    return [c for stage_dir in stages for c in of_stage(stage_dir)]
+  return [path]
+
+
+def _stage_order(model_dir: str):
+  """Sort key: the stage order run.json records, else by name."""
+  order: list[str] = []
+  run_json = paths.join(model_dir, 'run.json')
+  if paths.exists(run_json):
+    try:
+      order = [s['name'] if isinstance(s, dict) else str(s)
+               for s in paths.read_json(run_json).get('stages', [])]
+    except (ValueError, OSError, KeyError, TypeError):
+      order = []
+  return lambda stage_dir: (order.index(paths.basename(stage_dir))
+                            if paths.basename(stage_dir) in order else len(order),
+                            paths.basename(stage_dir))

@@ -203,8 +203,12 @@ def _is_float(dtype: np.dtype) -> bool:
 
 def _read_zarr(specs: Mapping[str, Mapping[str, Any]], ckpt_dir: str, version: int,
                dtype: np.dtype | None, progress: Progress | None, done: int,
-               total: int) -> dict[str, np.ndarray]:
-  """Open every zarr leaf at once, then read them all concurrently (tensorstore futures)."""
+               total: int, shardings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Open every zarr leaf at once, then read them all concurrently (tensorstore futures).
+
+  With `shardings` ({path: jax Sharding}) each leaf becomes a global jax.Array read piece by
+  piece: a process reads only the slices its devices hold, one leaf at a time.
+  """
   context = ts.Context({'file_io_concurrency': {'limit': 128}})
   full = {p: _absolute_spec(s, ckpt_dir) for p, s in specs.items()}
   opening = {p: ts.open(s, open=True, read=True, context=context) for p, s in full.items()}
@@ -232,8 +236,23 @@ def _read_zarr(specs: Mapping[str, Mapping[str, Any]], ckpt_dir: str, version: i
                        f'with t5x (format 3).')
     if dtype is not None and _is_float(store.dtype.numpy_dtype):
       store = ts.cast(store, dtype)  # cast inside tensorstore: no full-precision copy kept
-    reading[path] = store.read()
+    if shardings is not None:
+      reading[path] = store
+    else:
+      reading[path] = store.read()
   out = {}
+  if shardings is not None:
+    for path, store in reading.items():
+      try:
+        out[path] = jax.make_array_from_callback(
+            tuple(store.shape), shardings[path],
+            lambda index, store=store: np.asarray(store[index].read().result()))
+      except Exception as err:  # pylint: disable=broad-except
+        raise fail(path, err) from err
+      done += 1
+      if progress is not None:
+        progress(done, total)
+    return out
   for path, future in reading.items():
     try:
       arr = np.asarray(future.result())
@@ -277,13 +296,16 @@ def _read_msgpack(path: str) -> Any:
                      f'it is truncated, copy it again.') from err
 
 
-def load_t5x_params(path: str, *, dtype: Any = None,
-                    progress: Progress | None = None) -> dict[str, Any]:
+def load_t5x_params(path: str, *, dtype: Any = None, progress: Progress | None = None,
+                    shardings_for: Callable[[dict[str, tuple]], Mapping[str, Any]] | None = None
+                    ) -> dict[str, Any]:
   """Load the model parameters (`target`) of a t5x checkpoint as a nested dict of numpy arrays.
 
   `path` is a `checkpoint_<step>` directory or the `checkpoint` file in it, local or gs://.
   Optimizer state is not read. With `dtype`, floating leaves are cast to it while reading.
-  `progress(done, total)` is called as leaves arrive.
+  `progress(done, total)` is called as leaves arrive. With `shardings_for` (called once with
+  every leaf's shape, returning {path: jax Sharding}) the leaves are global jax.Arrays read
+  shard by shard (no leaf is ever whole in host memory unless its sharding replicates it).
   """
   dtype = None if dtype is None else _as_dtype(dtype)
   kind, where = _locate(path)
@@ -302,9 +324,20 @@ def load_t5x_params(path: str, *, dtype: Any = None,
     if p not in specs:
       v = np.asarray(v)
       out[p] = v.astype(dtype) if dtype is not None and _is_float(v.dtype) else v
+  shardings = None
+  if shardings_for is not None:
+    shapes = {p: tuple(np.shape(v)) for p, v in out.items()}
+    for p, v in specs.items():
+      shape = (v.get('metadata') or {}).get('shape')
+      shapes[p] = tuple(shape if shape is not None else ts.open(
+          _absolute_spec(v, ckpt_dir), open=True, read=True).result().shape)
+    shardings = shardings_for(shapes)
+    out = {p: jax.make_array_from_callback(v.shape, shardings[p], lambda i, v=v: v[i])
+           for p, v in out.items()}
   if progress is not None and out:
     progress(len(out), len(flat))
-  out.update(_read_zarr(specs, ckpt_dir, version, dtype, progress, len(out), len(flat)))
+  out.update(_read_zarr(specs, ckpt_dir, version, dtype, progress, len(out), len(flat),
+                        shardings))
   return tree_util.unflatten({p: out[p] for p in flat})
 
 

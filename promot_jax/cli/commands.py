@@ -106,8 +106,12 @@ def add_eval(subparsers) -> None:
   add_gin_arguments(p, 'eval gin file, e.g. eval/promot_rte.gin (repeatable)')
   p.add_argument('--checkpoint', action='append', default=None,
                  help='checkpoint dir (params/ + promot.json), a MODEL_DIR/<stage> dir (its kept '
-                      'checkpoint) or pretrained weights; repeatable; replaces CHECKPOINTS')
+                      'checkpoint), a MODEL_DIR (each stage\'s kept checkpoint) or pretrained '
+                      'weights; local or gs://; repeatable; replaces CHECKPOINTS')
   p.add_argument('--out_dir', default=None, help='overrides OUT_DIR')
+  p.add_argument('--all_checkpoints', action='store_true',
+                 help='for a stage dir or MODEL_DIR: every complete checkpoint, not only the kept one')
+  add_local_pod_arguments(p)
 
 
 def add_plan(subparsers) -> None:

@@ -13,12 +13,14 @@ error entry and the others still run. The command is `promot eval` (cli/eval_cmd
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 
-from promot_jax import paths
+from promot_jax import mesh as partitioning, paths
 from promot_jax.checkpoints import resolve
 from promot_jax.data import pipeline
 from promot_jax.eval import metrics, registry
@@ -49,6 +51,18 @@ class EvalConfig:
   splits: Mapping[str, str] = dataclasses.field(default_factory=dict)    # task -> split
   format_labels: Optional[Sequence[str]] = None   # default: the fine-tuned task's label set
   num_saved_examples: int = 5
+  # The mesh and the restore, as in the run file: NUM_PARTITIONS, LOGICAL_AXIS_RULES.
+  num_partitions: int = 1
+  logical_axis_rules: Sequence[tuple[str, Optional[str]]] = ()
+  restore_dtype: Optional[str] = None     # 'bfloat16': the weights cast while they are read
+  distributed: bool = False
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+
+  def rules(self) -> tuple:
+    return partitioning.standard_logical_axis_rules(
+        tuple(tuple(r) for r in self.logical_axis_rules))
 
   def validate(self) -> None:
     if self.decoding not in ('beam', 'greedy'):
@@ -66,6 +80,11 @@ class EvalConfig:
     for name, metric in self.metrics.items():
       if metric not in metrics.METRICS:
         raise ValueError(f'METRICS[{name!r}] = {metric!r}; choose one of {list(metrics.METRICS)}.')
+    if self.restore_dtype not in (None, 'float32', 'bfloat16'):
+      raise ValueError(f"RESTORE_DTYPE must be None, 'float32' or 'bfloat16', got "
+                       f'{self.restore_dtype!r}.')
+    if self.num_partitions < 1:
+      raise ValueError(f'NUM_PARTITIONS must be positive, got {self.num_partitions}.')
     if not self.finetuned_task and not self.icl_tasks:
       raise ValueError('Nothing to evaluate: set FINETUNED_TASK and/or ICL_TASKS.')
 
@@ -134,27 +153,86 @@ def _short(message: str, lines: int = 4, chars: int = 600) -> str:
   return kept + (' ...' if kept != message else '')
 
 
+def device_bytes(params: Any) -> dict[str, int]:
+  """Bytes of the parameters on this process's first device, and the largest single buffer
+  any local device holds (what tells whether the model was ever whole on one device)."""
+  first = jax.local_devices()[0]
+  on_first, largest = 0, 0
+  for leaf in jax.tree_util.tree_leaves(params):
+    for shard in leaf.addressable_shards:
+      largest = max(largest, shard.data.nbytes)
+      if shard.device == first:
+        on_first += shard.data.nbytes
+  return {'param_bytes_per_device': on_first, 'largest_device_buffer_bytes': largest}
+
+
+def _settings(ecfg: EvalConfig, labels, mesh) -> dict[str, Any]:
+  return {'decoding': ecfg.decoding, 'beam_size': ecfg.beam_size, 'beam_alpha': ecfg.beam_alpha,
+          'classification_mode': ecfg.classification_mode,
+          'task_feature_lengths': dict(ecfg.task_feature_lengths),
+          'max_eval_examples': ecfg.max_eval_examples, 'batch_size': ecfg.batch_size,
+          'finetuned_task': ecfg.finetuned_task,
+          'format_labels': list(labels) if labels else None,
+          'restore_dtype': ecfg.restore_dtype,
+          'mesh_shape': {k: int(v) for k, v in mesh.shape.items()},
+          'process_count': jax.process_count()}
+
+
+# What may differ between an interrupted evaluation and its rerun without redoing tasks.
+_LAYOUT_SETTINGS = ('mesh_shape', 'process_count', 'batch_size')
+
+
+def _finished_tasks(out: str, resolved: str, settings: Mapping[str, Any], log: Log) -> dict:
+  """Entries of an earlier, interrupted evaluation of the same checkpoint with the same
+  settings (OUT_DIR/<name>/results.json); tasks that failed there are run again."""
+  if not paths.exists(out):
+    return {}
+  try:
+    earlier = paths.read_json(out)
+  except (ValueError, OSError):
+    return {}
+  same = lambda a: {k: v for k, v in a.items() if k not in _LAYOUT_SETTINGS}  # noqa: E731
+  if earlier.get('checkpoint', {}).get('resolved') != resolved or \
+      same(earlier.get('settings', {})) != same(json_round_trip(settings)):
+    log(f'{out} holds results of another checkpoint or other settings: evaluating again')
+    return {}
+  return {t: e for t, e in earlier.get('tasks', {}).items() if 'error' not in e}
+
+
+def json_round_trip(value: Any) -> Any:
+  return json.loads(json.dumps(value))
+
+
 def evaluate_checkpoint(ecfg: EvalConfig, path: str, name: str, plans: Sequence[TaskPlan],
-                        log: Optional[Log] = None) -> dict[str, Any]:
-  """Every planned task on one checkpoint; OUT_DIR/<name>/results.json after each task."""
+                        log: Optional[Log] = None, mesh=None) -> dict[str, Any]:
+  """Every planned task on one checkpoint; OUT_DIR/<name>/results.json after each task.
+
+  The checkpoint is read onto `mesh` (default: all devices, NUM_PARTITIONS model axis) shard
+  by shard. Tasks an interrupted run of the same command finished are not redone.
+  """
   log = log or log_line
+  mesh = mesh if mesh is not None else partitioning.make_mesh(ecfg.num_partitions)
   resolved = resolve.resolve_checkpoint(path)
-  cfg, params = resolve.load_checkpoint(resolved)
+  start = time.perf_counter()
+  cfg, params = resolve.load_checkpoint(resolved, mesh, ecfg.rules(), ecfg.restore_dtype)
   labels = format_label_set(ecfg)
-  results = {'checkpoint': {'name': name, 'path': path, 'resolved': resolved,
-                            'has_prompt': 'prompt' in params},
-             'settings': {'decoding': ecfg.decoding, 'beam_size': ecfg.beam_size,
-                          'beam_alpha': ecfg.beam_alpha,
-                          'classification_mode': ecfg.classification_mode,
-                          'task_feature_lengths': dict(ecfg.task_feature_lengths),
-                          'max_eval_examples': ecfg.max_eval_examples,
-                          'finetuned_task': ecfg.finetuned_task,
-                          'format_labels': list(labels) if labels else None},
-             'tasks': {}, 'failed': []}
+  memory = device_bytes(params)
+  log(f'[eval {name}] restored {resolved} onto mesh {dict(mesh.shape)} in '
+      f'{time.perf_counter() - start:.1f}s: {memory["param_bytes_per_device"] / 2**20:,.1f} MiB '
+      'of parameters per device')
+  settings = _settings(ecfg, labels, mesh)
   out = paths.join(ecfg.out_dir, name, 'results.json')
   tag = lambda message: log(f'[eval {name}] {message}')  # noqa: E731
+  done = _finished_tasks(out, resolved, settings, tag)
+  results = {'checkpoint': {'name': name, 'path': path, 'resolved': resolved,
+                            'has_prompt': 'prompt' in params, **memory},
+             'settings': settings, 'tasks': {}, 'failed': []}
   for plan in plans:
     where = 'with prompt' if plan.with_prompt else 'without prompt'
+    if plan.name in done:
+      tag(f'{plan.name}: already evaluated ({out}), kept')
+      results['tasks'][plan.name] = done[plan.name]
+      continue
     tag(f'{plan.name}: {plan.role}, {plan.shots}-shot, {where}, split {plan.split or "?"}')
     try:
       if plan.error:
@@ -163,7 +241,7 @@ def evaluate_checkpoint(ecfg: EvalConfig, path: str, name: str, plans: Sequence[
                             batch_size=ecfg.batch_size, max_examples=ecfg.max_eval_examples,
                             decoding_method=ecfg.decoding, beam_size=ecfg.beam_size,
                             alpha=ecfg.beam_alpha, format_labels=labels,
-                            num_saved_examples=ecfg.num_saved_examples, log=tag)
+                            num_saved_examples=ecfg.num_saved_examples, log=tag, mesh=mesh)
     except Exception as e:  # noqa: BLE001 -- one broken task must not stop the suite
       message = _short(f'{type(e).__name__}: {e}')
       print(f'promot eval: {name}: task {plan.name} failed: {message}', file=sys.stderr,
@@ -178,19 +256,30 @@ def evaluate_checkpoint(ecfg: EvalConfig, path: str, name: str, plans: Sequence[
 
 
 def evaluate_suite(ecfg: EvalConfig, checkpoints: Optional[Sequence[str]] = None,
-                   log: Optional[Log] = None) -> dict[str, dict[str, Any]]:
+                   log: Optional[Log] = None,
+                   all_checkpoints: bool = False) -> dict[str, dict[str, Any]]:
   """Evaluate every checkpoint on the suite; {checkpoint name: results}. Writes the JSON files.
 
-  Checked before anything runs: every checkpoint exists, and holds a prompt if the suite
-  uses it (a ValueError names the checkpoint otherwise).
+  A path may be a checkpoint, a stage directory (its kept checkpoint, or every checkpoint with
+  `all_checkpoints`) or a run's MODEL_DIR (the same for each of its stages). Checked before
+  anything runs: every checkpoint exists, and holds a prompt if the suite uses it (a
+  ValueError names the checkpoint otherwise). With DISTRIBUTED every host runs this; process 0
+  writes the files.
   """
   log = log or log_line
   ecfg.validate()
   registry.import_task_modules(ecfg.task_modules)
-  checkpoint_paths = list(checkpoints if checkpoints is not None else ecfg.checkpoints)
-  if not checkpoint_paths:
+  given = list(checkpoints if checkpoints is not None else ecfg.checkpoints)
+  if not given:
     raise ValueError('No checkpoint to evaluate: pass --checkpoint PATH or set CHECKPOINTS.')
   plans = plan_tasks(ecfg)
+  if ecfg.distributed:
+    partitioning.initialize_distributed(ecfg.coordinator_address, ecfg.num_processes,
+                                        ecfg.process_id)
+  mesh = partitioning.make_mesh(ecfg.num_partitions)
+  log(f'promot eval: {jax.process_count()} process(es), {jax.device_count()} devices, mesh '
+      f'{dict(mesh.shape)}')
+  checkpoint_paths = [c for path in given for c in resolve.expand_checkpoints(path, all_checkpoints)]
   named, seen = [], {}
   for path in checkpoint_paths:
     resolved = resolve.resolve_checkpoint(path)
@@ -204,7 +293,7 @@ def evaluate_suite(ecfg: EvalConfig, checkpoints: Optional[Sequence[str]] = None
     named.append((path, name if seen[name] == 1 else f'{name}_{seen[name]}'))
   all_results = {}
   for path, name in named:
-    all_results[name] = evaluate_checkpoint(ecfg, path, name, plans, log)
+    all_results[name] = evaluate_checkpoint(ecfg, path, name, plans, log, mesh)
   summary = {name: {'tasks': {t: e.get(e.get('metric', ''), None) if 'error' not in e else 'error'
                               for t, e in r['tasks'].items()},
                     'format_rate': {t: e.get('format_rate') for t, e in r['tasks'].items()},

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import seqio
 
+from promot_jax import mesh as partitioning
 from promot_jax.data import pipeline
 from promot_jax.eval import metrics, postprocess, registry
 from promot_jax.model import decoding
@@ -79,6 +80,18 @@ def read_examples(task_name: str, split: str, limit: Optional[int]) -> Iterator[
   yield from ds.as_numpy_iterator()
 
 
+def count_examples(task_name: str, split: str, limit: Optional[int]) -> Optional[int]:
+  """How many examples a task's split yields (capped at `limit`), when seqio knows it cheaply;
+  None otherwise (progress lines then show no ETA)."""
+  try:
+    n = seqio.get_mixture_or_task(task_name).num_input_examples(split)
+  except Exception:  # noqa: BLE001 -- sources that cannot tell
+    n = None
+  if n is None:
+    return limit
+  return min(n, limit) if limit is not None else n
+
+
 def bucket_length(longest: int, cap: int) -> int:
   """Pad inputs to a power of two (>= 64) no longer than `cap`: few distinct compiled shapes."""
   size = 64
@@ -127,9 +140,21 @@ def evaluate_task(cfg: T5Config, params: Any, plan: TaskPlan, *,
                   max_examples: Optional[int] = None, decoding_method: str = 'beam',
                   beam_size: int = 4, alpha: float = 0.6,
                   format_labels: Optional[Sequence[str]] = None, num_saved_examples: int = 5,
-                  log: Optional[Log] = None) -> dict[str, Any]:
-  """Run one task: read, batch, decode or rank, post-process, score. Returns its entry."""
+                  log: Optional[Log] = None, mesh=None) -> dict[str, Any]:
+  """Run one task: read, batch, decode or rank, post-process, score. Returns its entry.
+
+  With `mesh` the parameters are global arrays on it (checkpoints.loading.load_on_mesh) and
+  every process runs this with the same examples: each batch is laid out over the mesh's
+  'data' axis (padded to a multiple of it; the padding is dropped), the decoding program is
+  partitioned like the parameters, and every process gets the whole batch's outputs back.
+  """
   log = log or (lambda message: None)
+  if mesh is not None:   # every data position gets whole rows
+    data = mesh.shape['data']
+    batch_size = -(-batch_size // data) * data
+  place = (lambda x: x) if mesh is None else (  # noqa: E731
+      lambda x: partitioning.global_array(x, partitioning.data_sharding(mesh)))
+  to_host = np.asarray if mesh is None else partitioning.to_host
   if plan.with_prompt and 'prompt' not in params:
     raise ValueError(f'{plan.name} is evaluated with the prompt but the parameters hold none.')
   vocab = check_vocabulary(plan.name, cfg)
@@ -140,23 +165,25 @@ def evaluate_task(cfg: T5Config, params: Any, plan: TaskPlan, *,
     encoded = [list(vocab.encode(label)) + [vocab.eos_id] for label in plan.labels]
     candidates = pad_rows([np.asarray(c) for c in encoded], len(encoded),
                           max([out_len] + [len(c) for c in encoded]))[0]
+  total = count_examples(plan.name, plan.split, max_examples)
   records, truncated, start, last_log = [], 0, time.perf_counter(), time.perf_counter()
   for batch in batched(read_examples(plan.name, plan.split, max_examples), batch_size):
     longest = max(len(ex['inputs']) for ex in batch)
     enc, cut = pad_rows([ex['inputs'] for ex in batch], batch_size, bucket_length(longest, in_len))
     truncated += cut
     if plan.mode == 'rank':
-      cands = np.broadcast_to(candidates, (batch_size,) + candidates.shape)
-      best = np.asarray(decoding.rank_classify(cfg, params, enc, cands, plan.with_prompt))
+      cands = np.ascontiguousarray(np.broadcast_to(candidates, (batch_size,) + candidates.shape))
+      best = to_host(decoding.rank_classify(cfg, params, place(enc), place(cands),
+                                            plan.with_prompt))
       outputs = [plan.labels[int(i)] for i in best[:len(batch)]]
     else:
       if decoding_method == 'greedy':
-        tokens = decoding.greedy_decode(cfg, params, enc, out_len, with_prompt=plan.with_prompt,
-                                        eos_id=vocab.eos_id)
+        tokens = decoding.greedy_decode(cfg, params, place(enc), out_len,
+                                        with_prompt=plan.with_prompt, eos_id=vocab.eos_id)
       else:
-        tokens = decoding.beam_search(cfg, params, enc, out_len, beam_size, alpha,
+        tokens = decoding.beam_search(cfg, params, place(enc), out_len, beam_size, alpha,
                                       with_prompt=plan.with_prompt, eos_id=vocab.eos_id)
-      outputs = [vocab.decode(row.tolist()) for row in np.asarray(tokens)[:len(batch)]]
+      outputs = [vocab.decode(row.tolist()) for row in to_host(tokens)[:len(batch)]]
     for ex, output in zip(batch, outputs):
       target = postprocess.as_text(ex.get('targets_pretokenized', b''))
       records.append({'input': postprocess.as_text(ex.get('inputs_pretokenized', b'')),
@@ -168,7 +195,11 @@ def evaluate_task(cfg: T5Config, params: Any, plan: TaskPlan, *,
         del records[-1]['answers']
     now = time.perf_counter()
     if now - last_log > 10:
-      log(f'{plan.name}: {len(records)} examples, {len(records) / (now - start):.1f} examples/s')
+      rate = len(records) / (now - start)
+      eta = (f', ETA {time.strftime("%H:%M:%S", time.gmtime((total - len(records)) / rate))}'
+             if total and rate > 0 else '')
+      log(f'{plan.name}: {len(records)}{f"/{total}" if total else ""} examples, '
+          f'{rate:.1f} examples/s{eta}')
       last_log = now
   if not records:
     raise ValueError(f'Task {plan.name} split {plan.split!r} gave no examples.')
@@ -196,7 +227,7 @@ def validation_metrics(config: T5Config, params: Any, task_name: str, split: str
                        max_examples: Optional[int] = None, with_prompt: bool = False,
                        decoding_method: str = 'greedy', beam_size: int = 4, alpha: float = 0.6,
                        metric: Optional[str] = None, labels: Optional[Sequence[str]] = None,
-                       prefix: str = 'validation/') -> dict[str, float]:
+                       prefix: str = 'validation/', mesh=None) -> dict[str, float]:
   """Decode-based validation of a stage's task, for keep-best checkpoint selection.
 
   Returns {prefix + 'decode_<metric>': score (0-100), prefix + 'decode_num_examples': n};
@@ -209,6 +240,6 @@ def validation_metrics(config: T5Config, params: Any, task_name: str, split: str
   entry = evaluate_task(config.replace(dropout_rate=0.0), params, plan,
                         task_feature_lengths=task_feature_lengths, batch_size=batch_size,
                         max_examples=max_examples, decoding_method=decoding_method,
-                        beam_size=beam_size, alpha=alpha, num_saved_examples=0)
+                        beam_size=beam_size, alpha=alpha, num_saved_examples=0, mesh=mesh)
   return {f'{prefix}decode_{metric}': float(entry[metric]),
           f'{prefix}decode_num_examples': float(entry['num_examples'])}

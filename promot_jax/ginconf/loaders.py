@@ -8,7 +8,6 @@ layer reads gin.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
 import gin
@@ -18,14 +17,6 @@ from promot_jax.train.run_config import RunConfig
 
 # Model and stage files: a run may bind what their macros feed directly (check_unread_macros).
 BUILDING_BLOCKS = tuple(os.path.join(parse.GIN_DIR, d) for d in ('models', 'stages'))
-
-# Macros an eval file may set (gin/eval/base.gin); others are reported.
-EVAL_MACROS = frozenset((
-    'OUT_DIR', 'CHECKPOINTS', 'FINETUNED_TASK', 'FINETUNED_WITH_PROMPT', 'ICL_TASKS',
-    'TASK_MODULES', 'TASK_FEATURE_LENGTHS', 'EVAL_BATCH_SIZE', 'MAX_EVAL_EXAMPLES', 'DECODING',
-    'BEAM_SIZE', 'BEAM_ALPHA', 'CLASSIFICATION_MODE', 'METRICS', 'LABEL_SETS', 'SPLITS',
-    'FORMAT_LABELS', 'NUM_SAVED_EXAMPLES', 'EVAL'))
-
 
 def load_run(gin_files: Sequence[str], gin_flags: Sequence[str],
              search_paths: Sequence[str] = ()) -> RunConfig:
@@ -45,16 +36,14 @@ def load_run(gin_files: Sequence[str], gin_flags: Sequence[str],
 
 def load_eval_config(gin_files: Sequence[str], gin_flags: Sequence[str],
                      search_paths: Sequence[str] = ()) -> EvalConfig:
-  """Parse eval gin files and --gin.X=... overrides into an EvalConfig."""
-  parse.parse_gin(gin_files, parse.gin_flags_to_bindings(gin_flags), search_paths)
-  try:
-    unknown = sorted(name for name, selector in gin.config._CONFIG  # noqa: SLF001
-                     if selector == 'gin.macro' and name not in EVAL_MACROS)
-  except Exception:  # noqa: BLE001 -- a gin internals change only loses this warning
-    unknown = []
-  if unknown:
-    print(f'promot eval: warning: gin macros not used by the eval suite: {unknown}',
-          file=sys.stderr)
+  """Parse eval gin files and --gin.X=... overrides into an EvalConfig.
+
+  As for run files, a macro nothing reads (`--gin.ICL_TASKZ=[]`) is an error naming the
+  closest one that is read.
+  """
+  bindings = parse.gin_flags_to_bindings(gin_flags)
+  files = parse.parse_gin(gin_files, bindings, search_paths)
+  check.check_unread_macros(files, bindings, building_blocks=BUILDING_BLOCKS)
   try:
     return gin.get_configurable(EvalConfig)()
   except (ValueError, TypeError) as e:

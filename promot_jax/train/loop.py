@@ -243,12 +243,12 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
             cfg, full, run.validation_task or run.mixture_or_task_name, run.validation_split,
             task_feature_lengths=run.task_feature_lengths, batch_size=run.batch_size,
             max_examples=run.eval_batches * run.batch_size if run.eval_batches else None,
-            with_prompt=stage.with_prompt, decoding_method='greedy'))
+            with_prompt=stage.with_prompt, decoding_method=run.keep_decode, mesh=mesh))
       if run.format_probe_tasks:
         val.update(probes.format_probe_metrics(
             cfg, full, run.format_probe_tasks, probe_label_set,
             task_feature_lengths=run.task_feature_lengths, batch_size=run.batch_size,
-            max_examples=run.format_probe_examples))
+            max_examples=run.format_probe_examples, mesh=mesh))
       ckpts.update_metrics(done, val)
       progress.scalars(done, val)
       progress.log('checkpoint ' + ckpts.path(done) + '  ' +

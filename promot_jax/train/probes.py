@@ -41,7 +41,7 @@ def check_probes(tasks: Sequence[str], labels: Optional[Sequence[str]], trained_
 
 def format_probe_metrics(cfg: T5Config, params: Any, tasks: Sequence[str],
                          labels: Sequence[str], *, task_feature_lengths: Mapping[str, int],
-                         batch_size: int, max_examples: int) -> dict[str, float]:
+                         batch_size: int, max_examples: int, mesh=None) -> dict[str, float]:
   """{'format/<task>': rate, 'icl/<task>': score} for each probe task, decoded without the
   prompt (greedy), on the task's validation split (else its default evaluation split)."""
   out: dict[str, float] = {}
@@ -51,7 +51,7 @@ def format_probe_metrics(cfg: T5Config, params: Any, tasks: Sequence[str],
     entry = eval_task.evaluate_task(
         cfg.replace(dropout_rate=0.0), params, plan, task_feature_lengths=task_feature_lengths,
         batch_size=batch_size, max_examples=max_examples, decoding_method='greedy',
-        format_labels=labels, num_saved_examples=0)
+        format_labels=labels, num_saved_examples=0, mesh=mesh)
     out[f'format/{name}'] = float(entry['format_rate'])
     out[f'icl/{name}'] = float(entry[plan.metric])
   return out

@@ -44,6 +44,10 @@ class RunConfig:
   format_labels: Sequence[str] = ()               # default: the training task's LABEL_SETS entry
   format_probe_examples: int = 32
   nonfinite_policy: str = 'stop'                  # 'stop' or 'skip' the batch (NONFINITE_POLICY)
+  # How keep-best decodes the validation split (KEEP_DECODE): 'greedy' (default: one decoder
+  # pass per token, ~beam_size x cheaper, run at every checkpoint) or 'beam' (the paper's beam 4,
+  # the metric `promot eval` reports).
+  keep_decode: str = 'greedy'
   train_steps: Optional[int] = None               # TRAIN_STEPS: one stage's steps (promot train)
   learning_rate: Optional[float] = None           # LEARNING_RATE: one stage's rate (promot train)
   task_modules: Sequence[str] = ()                # modules whose import registers the tasks
@@ -88,6 +92,8 @@ class RunConfig:
                        "{'inputs': 512, 'targets': 64}.")
     for s in self.stages:
       s.validate()
+    if self.keep_decode not in ('greedy', 'beam'):
+      raise ValueError(f"KEEP_DECODE must be 'greedy' or 'beam', got {self.keep_decode!r}.")
     if self.nonfinite_policy not in ('stop', 'skip'):
       raise ValueError(f"NONFINITE_POLICY must be 'stop' or 'skip', got {self.nonfinite_policy!r}")
     self.check_lengths()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Optional
 
@@ -19,13 +18,9 @@ from promot_jax.train.run_config import RunConfig
 
 def setup_devices(run: RunConfig):
   """jax.distributed on multi-host (when asked), then the (data, model) mesh over all devices."""
-  if run.distributed and not jax.distributed.is_initialized():
-    if os.environ.get('JAX_PLATFORMS', '') == 'cpu':   # a rehearsal on CPU processes
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    kwargs = {k: v for k, v in dict(coordinator_address=run.coordinator_address,
-                                    num_processes=run.num_processes,
-                                    process_id=run.process_id).items() if v is not None}
-    jax.distributed.initialize(**kwargs)  # on Cloud TPU every argument is discovered
+  if run.distributed:
+    partitioning.initialize_distributed(run.coordinator_address, run.num_processes,
+                                        run.process_id)
   mesh = partitioning.make_mesh(run.num_partitions)
   partitioning.check_batch_divisible(run.batch_size, mesh)
   return mesh
