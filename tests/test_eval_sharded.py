@@ -171,3 +171,58 @@ def test_every_format_is_read_into_the_mesh_shardings(formats, checkpoint, fmt):
   half = load_in_subprocess(formats[fmt], 4, 'bfloat16')
   assert half['dtype'] == 'bfloat16'
   assert half['first_device_bytes'] == pytest.approx(got['first_device_bytes'] / 2, rel=0.01)
+
+
+def diagnose(tmp_path, ckpt, devices, partitions):
+  out = tmp_path / f'diagnose_{devices}_{partitions}.json'
+  cmd = [sys.executable, '-m', 'promot_jax.cli.app', 'diagnose', '--gin_file',
+         'runs/promot_tiny_cpu.gin', '--checkpoint', ckpt, '--num_batches', '2',
+         '--json', str(out), f'--gin.NUM_PARTITIONS={partitions}',
+         '--gin.config.T5Config.num_heads=8', '--gin.config.T5Config.head_dim=4']
+  proc = subprocess.run(cmd, env=environment(devices), capture_output=True, text=True,
+                        timeout=TIMEOUT_S)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+def test_diagnose_cosines_on_a_mesh_equal_one_device(checkpoint, tmp_path):
+  one = diagnose(tmp_path, checkpoint[0], 1, 1)
+  mesh = diagnose(tmp_path, checkpoint[0], 8, 4)
+  assert mesh['data']['mesh_shape'] == {'data': 2, 'model': 4}
+  (a,), (b,) = one['checkpoints'], mesh['checkpoints']
+  assert a['cosine'].keys() == b['cosine'].keys() and a['cosine']['overall'] < 0.999
+  for kernel, value in a['cosine'].items():
+    assert b['cosine'][kernel] == pytest.approx(value, abs=1e-5), kernel
+
+
+LM_EVAL_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from promot_jax.eval.lm_eval_adapter import PromotLM
+
+    class Request:
+      def __init__(self, *args):
+        self.args = args
+
+    lm = PromotLM(checkpoint=sys.argv[1], with_prompt='true', vocabulary='byte', batch_size=4,
+                  num_partitions=sys.argv[2])
+    contexts = ['is 3 more than 2?', 'the sky is', 'reverse: abc', 'a b c d e f g h', '1 2 3']
+    ll = lm.loglikelihood([Request(c, t) for c in contexts for t in (' yes', ' no')])
+    gen = lm.generate_until([Request(c, {'until': ['.'], 'max_gen_toks': 6}) for c in contexts])
+    print(json.dumps({'loglikelihood': ll, 'generated': gen, 'mesh': dict(lm.mesh.shape)}))
+''')
+
+
+def test_lm_eval_adapter_on_a_mesh_scores_like_one_device(checkpoint):
+  pytest.importorskip('lm_eval')
+  got = {}
+  for devices, partitions in ((1, 1), (8, 4)):
+    proc = subprocess.run([sys.executable, '-c', LM_EVAL_SCRIPT, checkpoint[0], str(partitions)],
+                          env=environment(devices), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got[partitions] = json.loads(proc.stdout.splitlines()[-1])
+  assert got[4]['mesh'] == {'data': 2, 'model': 4}
+  assert got[4]['generated'] == got[1]['generated']
+  assert [g for _, g in got[4]['loglikelihood']] == [g for _, g in got[1]['loglikelihood']]
+  np.testing.assert_allclose([v for v, _ in got[4]['loglikelihood']],
+                             [v for v, _ in got[1]['loglikelihood']], rtol=1e-5)

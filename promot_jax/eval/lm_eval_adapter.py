@@ -30,6 +30,7 @@ import numpy as np
 from lm_eval.api.model import LM  # optional dependency (pip install -e ".[lm_eval]")
 from lm_eval.api.registry import register_model  # optional dependency
 
+from promot_jax import mesh as partitioning
 from promot_jax.checkpoints import resolve
 from promot_jax.data import pipeline as data
 from promot_jax.eval import task as eval_task
@@ -71,15 +72,19 @@ class PromotLM(LM):
   def __init__(self, checkpoint: str, with_prompt: Any = False, vocabulary: Optional[str] = None,
                batch_size: Any = 8, max_input_length: int = 512, max_gen_toks: int = 32,
                continuation_eos: Any = False, max_batch_size: Optional[int] = None,
-               device: Optional[str] = None, **unused: Any) -> None:
+               device: Optional[str] = None, num_partitions: Any = 1,
+               restore_dtype: Optional[str] = None, **unused: Any) -> None:
     super().__init__()
     del max_batch_size, device  # jax places the arrays; one fixed batch shape is compiled
     if unused:
       raise ValueError(f'Unknown promot model_args {sorted(unused)}; known: checkpoint, '
                        'with_prompt, vocabulary, batch_size, max_input_length, max_gen_toks, '
-                       'continuation_eos.')
+                       'continuation_eos, num_partitions, restore_dtype.')
     self.resolved = resolve.resolve_checkpoint(str(checkpoint))
-    self.config, self.params = resolve.load_checkpoint(self.resolved)
+    # The checkpoint read into a (data, model) mesh over every device, shard by shard.
+    self.mesh = partitioning.make_mesh(int(num_partitions))
+    self.config, self.params = resolve.load_checkpoint(
+        self.resolved, self.mesh, partitioning.standard_logical_axis_rules(), restore_dtype)
     self.with_prompt = _as_bool(with_prompt)
     if self.with_prompt and 'prompt' not in self.params:
       raise ValueError(f'with_prompt=true but {self.resolved} holds no prompt; use '
@@ -91,6 +96,8 @@ class PromotLM(LM):
                        f'only {self.config.vocab_size}; pass the model\'s vocabulary=...')
     batch = str(batch_size)
     self.batch_size = int(batch) if batch.isdigit() and int(batch) > 0 else 8  # 'auto' -> 8
+    data_axis = self.mesh.shape['data']   # whole rows per data position (padding dropped)
+    self.batch_size = -(-self.batch_size // data_axis) * data_axis
     self.max_input_length = int(max_input_length)
     self.max_gen_toks = int(max_gen_toks)
     self.continuation_eos = _as_bool(continuation_eos)
@@ -107,6 +114,9 @@ class PromotLM(LM):
     longest = max(len(r) for r in rows)
     length = eval_task.bucket_length(longest, self.max_input_length)  # noqa: SLF001
     return eval_task.pad_rows(rows, self.batch_size, length)[0]   # [batch_size, length]
+
+  def _place(self, rows: np.ndarray) -> jax.Array:
+    return partitioning.global_array(rows, partitioning.data_sharding(self.mesh))
 
   def _target_ids(self, continuation: str) -> list[int]:
     ids = list(self.vocab.encode(continuation.lstrip()))
@@ -129,9 +139,9 @@ class PromotLM(LM):
       for i, t in enumerate(targets):
         dec_target[i, :len(t)] = t
       dec_in = np.concatenate([np.zeros((self.batch_size, 1), np.int32), dec_target[:, :-1]], 1)
-      total, greedy = jax.device_get(_score(self.config, self.params,
-                                            self._encoder_batch(contexts), dec_in, dec_target,
-                                            self.with_prompt))
+      total, greedy = map(partitioning.to_host, _score(
+          self.config, self.params, self._place(self._encoder_batch(contexts)),
+          self._place(dec_in), self._place(dec_target), self.with_prompt))
       for i, request in enumerate(chunk):
         answer = (float(total[i]), bool(greedy[i]))
         results.append(answer)
@@ -161,9 +171,9 @@ class PromotLM(LM):
     for (until, steps), indices in groups.items():
       for chunk in self._chunks(indices):
         enc = self._encoder_batch([requests[i].args[0] for i in chunk])
-        tokens = np.asarray(decoding.greedy_decode(self.config, self.params, jnp.asarray(enc),
-                                                   steps, with_prompt=self.with_prompt,
-                                                   eos_id=self.vocab.eos_id))
+        tokens = partitioning.to_host(decoding.greedy_decode(
+            self.config, self.params, self._place(enc), steps, with_prompt=self.with_prompt,
+            eos_id=self.vocab.eos_id))
         for row, i in enumerate(chunk):
           text = self.vocab.decode(tokens[row].tolist())
           for stop in until:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from promot_jax import tree_util
+from promot_jax import mesh as partitioning, tree_util
 from promot_jax.checkpoints import orbax_io, resolve
 from promot_jax.data import pipeline as data
 from promot_jax.ginconf import loaders
@@ -110,7 +110,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> Optional[float]:
 
 def gradient_cosines(config: T5Config, params: Mapping[str, Any], batches: Sequence[Batch],
                      permutations: Sequence[np.ndarray], *, layer: int = -1,
-                     with_prompt: bool = False) -> dict[str, Any]:
+                     with_prompt: bool = False, mesh=None) -> dict[str, Any]:
   """Real vs target-shuffled gradients of one decoder layer's kernels, summed over batches.
 
   `permutations[i]` reorders the targets of `batches[i]` (the identity gives cosine 1).
@@ -126,12 +126,13 @@ def gradient_cosines(config: T5Config, params: Mapping[str, Any], batches: Seque
   rest = tree_util.unflatten({p: v for p, v in flat.items() if p not in names.values()})
   grad = _grad_fn(config.replace(dropout_rate=0.0, scan_layers=False), tuple(names.values()),
                   with_prompt)
+  place = (lambda x: jnp.asarray(x)) if mesh is None else (  # noqa: E731
+      lambda x: partitioning.global_array(np.asarray(x), partitioning.data_sharding(mesh)))
   totals = {'real': None, 'format': None}
   for batch, perm in zip(batches, permutations):
     for kind, b in (('real', batch), ('format', permute_targets(batch, perm))):
-      g = tree_util.flatten(jax.device_get(grad(selected, rest, {k: jnp.asarray(v)
-                                                                 for k, v in b.items()})))
-      g = {p: np.asarray(v, np.float64) for p, v in g.items()}
+      g = tree_util.flatten(grad(selected, rest, {k: place(v) for k, v in b.items()}))
+      g = {p: np.asarray(partitioning.to_host(v), np.float64) for p, v in g.items()}
       totals[kind] = g if totals[kind] is None else {p: totals[kind][p] + g[p] for p in g}
   real, fmt = totals['real'], totals['format']
   result = {'cosine': {}, 'grad_norm': {'real': {}, 'format': {}}}
@@ -146,18 +147,24 @@ def gradient_cosines(config: T5Config, params: Mapping[str, Any], batches: Seque
 
 
 def diagnose_checkpoint(path: str, batches: Sequence[Batch], permutations: Sequence[np.ndarray],
-                        *, layer: int = -1, with_prompt: str = 'auto') -> dict[str, Any]:
-  """Load a checkpoint (or MODEL_DIR/<stage>'s kept one) and measure its gradient cosines."""
+                        *, layer: int = -1, with_prompt: str = 'auto', mesh=None,
+                        rules=None) -> dict[str, Any]:
+  """Load a checkpoint (or MODEL_DIR/<stage>'s kept one) and measure its gradient cosines.
+
+  With `mesh` the checkpoint is read into the mesh's shardings (by the logical axis `rules`)
+  and the gradients are computed partitioned like them.
+  """
   if with_prompt not in ('auto', 'yes', 'no'):
     raise ValueError(f"with_prompt must be 'auto', 'yes' or 'no', got {with_prompt!r}.")
   resolved = resolve.resolve_checkpoint(path)
-  config, params = resolve.load_checkpoint(resolved)
+  config, params = resolve.load_checkpoint(resolved, mesh, rules)
   decoder_layer_index(config, layer)  # fail before any compilation
   has_prompt = 'prompt' in params
   if with_prompt == 'yes' and not has_prompt:
     raise ValueError(f'{resolved} holds no prompt; use --with_prompt auto or no.')
   attach = has_prompt if with_prompt == 'auto' else with_prompt == 'yes'
-  found = gradient_cosines(config, params, batches, permutations, layer=layer, with_prompt=attach)
+  found = gradient_cosines(config, params, batches, permutations, layer=layer, with_prompt=attach,
+                           mesh=mesh)
   return {'checkpoint': path, 'resolved': resolved, 'name': resolve.checkpoint_name(resolved),
           'with_prompt': attach, 'layer': decoder_layer_index(config, layer), **found}
 
@@ -184,7 +191,9 @@ def read_batches(gin_files: Sequence[str], gin_flags: Sequence[str], split: str,
   batches = [next(it) for _ in range(num_batches)]
   return batches, {'task': run.mixture_or_task_name, 'split': split,
                    'batch_size': run.batch_size, 'num_batches': num_batches,
-                   'task_feature_lengths': dict(run.task_feature_lengths), 'seed': seed}
+                   'task_feature_lengths': dict(run.task_feature_lengths), 'seed': seed,
+                   'num_partitions': run.num_partitions,
+                   'logical_axis_rules': [list(r) for r in run.logical_axis_rules]}
 
 
 def table(results: Sequence[Mapping[str, Any]]) -> str:
@@ -209,8 +218,15 @@ def command(args) -> int:
                                     getattr(args, 'gin_search_paths', None) or ())
   perms = [shuffled_permutation(len(b['decoder_target_tokens']), args.seed + i)
            for i, b in enumerate(batches)]
+  # The run file's mesh (NUM_PARTITIONS, LOGICAL_AXIS_RULES) over this process's devices.
+  mesh = partitioning.make_mesh(described['num_partitions'])
+  rules = partitioning.standard_logical_axis_rules(
+      tuple(tuple(r) for r in described['logical_axis_rules']))
+  partitioning.check_batch_divisible(described['batch_size'], mesh)
+  described['mesh_shape'] = {k: int(v) for k, v in mesh.shape.items()}
   results = [diagnose_checkpoint(path, batches, perms, layer=args.layer,
-                                 with_prompt=args.with_prompt) for path in args.checkpoint]
+                                 with_prompt=args.with_prompt, mesh=mesh, rules=rules)
+             for path in args.checkpoint]
   print(f'format-gradient cosine: {described["task"]} ({described["split"]}), '
         f'{described["num_batches"]} x {described["batch_size"]} examples, targets shuffled '
         f'across each batch (seed {args.seed})')
