@@ -143,3 +143,25 @@ def test_relative_checkpoint_paths_work(tmp_path, monkeypatch):
   from promot_jax import cli
   assert cli.main(['info', 'ckpt']) == 0
   assert tree_util.count_params(orbax_io.restore_params('ckpt')) == tree_util.count_params(params)
+
+
+def test_eval_reads_a_checkpoint_from_gs_and_writes_results_to_gs(emulator, tmp_path):
+  """`promot eval --checkpoint gs://... --out_dir gs://...` (README pod step 5) gives the same
+  results as the same evaluation on local paths."""
+  cfg = config.get_config('mt5_tiny', prompt_length=4)
+  params = jax.tree_util.tree_map(np.asarray, model.init_params(cfg, jax.random.PRNGKey(5)))
+  local = orbax_io.save_params(str(tmp_path / 'ckpt'), params, cfg)
+  _upload_tree(emulator, local, 'gs://bucket/evalme/ckpt')
+  flags = ['--gin_file', 'eval/toy.gin', '--gin.NUM_SAVED_EXAMPLES=8']
+  promot(emulator, 'eval', *flags, '--checkpoint', local, '--out_dir', tmp_path / 'out')
+  promot(emulator, 'eval', *flags, '--checkpoint', 'gs://bucket/evalme/ckpt', '--out_dir',
+         'gs://bucket/evalme/out')
+  remote = json.loads(python(emulator, 'import json\nfrom promot_jax import paths\nprint(json.dumps('
+                             'paths.read_json("gs://bucket/evalme/out/ckpt/results.json")))'
+                             ).splitlines()[-1])
+  with open(tmp_path / 'out' / 'ckpt' / 'results.json') as f:
+    want = json.load(f)
+  assert remote['checkpoint']['resolved'] == 'gs://bucket/evalme/ckpt'
+  for task, entry in want['tasks'].items():
+    assert remote['tasks'][task]['examples'] == entry['examples'], task
+    assert remote['tasks'][task][entry['metric']] == entry[entry['metric']]
