@@ -231,6 +231,34 @@ def test_oversized_model_does_not_fit_v4_8():
   assert row['fits'] is False and ('oom' in row or row['peak_bytes'] > 32 * 2 ** 30)
 
 
+@needs_libtpu
+def test_eval_decode_of_mt5_small_compiles_for_v4_8_and_bf16_halves_the_weights():
+  run = _run('runs/promot_rte_mt5_small.gin', "ACTIVATION_DTYPE='bfloat16'", 'NUM_PARTITIONS=2')
+  topo = plan.parse_topology('v4-8')
+  mesh = plan.make_plan_mesh(plan.topology_devices(topo), 2, 2)
+  budget = plan.Budget.for_topology(topo)
+  f32 = plan.plan_eval(run, mesh, 8, (256, 16), 4, budget)
+  bf16 = plan.plan_eval(run, mesh, 8, (256, 16), 4, budget, 'bfloat16')
+  assert f32['fits'] and bf16['fits'] and f32['step'] == 'beam-4 decode'
+  assert bf16['param_bytes_per_device'] * 2 == f32['param_bytes_per_device']
+  assert bf16['peak_bytes'] < f32['peak_bytes']
+
+
+def test_cpu_eval_plan_of_the_tiny_run(tmp_path):
+  import jax
+
+  from promot_jax.model import transformer as model
+  out = tmp_path / 'eval.json'
+  assert run_cli('plan', f'--gin_file={TINY}', '--topology', 'cpu', '--eval', '--eval_batch', 4,
+                 '--eval_lengths', '48,8', '--json', out) == 0
+  (row,) = json.loads(out.read_text())['rows']
+  assert row['stage'] == 'eval' and row['step'] == 'beam-4 decode' and row['fits'] is True
+  cfg = config.get_config('mt5_tiny', prompt_length=4)
+  from_shapes = sum(4 * x.size for x in jax.tree_util.tree_leaves(
+      model.abstract_params(cfg)))
+  assert row['param_bytes_per_device'] == from_shapes
+
+
 # ---------------------------------------------------------------------------- scanned layers
 
 

@@ -129,6 +129,14 @@ def add_plan(subparsers) -> None:
   p.add_argument('--batch_sizes', default=None, help='with --search: e.g. 32,64,128 (default BATCH_SIZE)')
   p.add_argument('--max_model', type=int, default=16, help='with --search: largest model axis tried')
   p.add_argument('--skip_decode', action='store_true', help='do not compile the greedy decode')
+  p.add_argument('--eval', action='store_true',
+                 help="plan `promot eval`'s decode instead of training: the checkpoint restored "
+                      'on the run\'s mesh, beam search with the cache, the prompt attached')
+  p.add_argument('--eval_batch', type=int, default=32, help='with --eval: EVAL_BATCH_SIZE (32)')
+  p.add_argument('--eval_lengths', default='1024,128',
+                 help="with --eval: the suite's longest input and decode length (1024,128)")
+  p.add_argument('--beam_size', type=int, default=4, help='with --eval: 1 = greedy (default 4)')
+  p.add_argument('--restore_dtype', default=None, help="with --eval: RESTORE_DTYPE, e.g. bfloat16")
   p.add_argument('--hbm_gib', type=float, default=None, help='override the HBM budget per device')
   p.add_argument('--peak_tflops', type=float, default=None, help='override the peak per device')
   p.add_argument('--json', default=None, help='also write the results to this JSON file')

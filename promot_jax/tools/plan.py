@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax._src import xla_bridge
 
 from promot_jax import mesh as partitioning, tree_util
+from promot_jax.checkpoints import loading
 from promot_jax.ginconf import loaders
 from promot_jax.model import decoding, transformer as model
 from promot_jax.tools.plan_hardware import (CHIPS, GIB, Chip, Topology,  # noqa: F401 (re-exported)
@@ -196,6 +197,43 @@ def plan(run, topo: Topology, budget: Budget, stage_names: Sequence[str] = (),
   return rows
 
 
+def plan_eval(run, mesh, batch_size: int, lengths: tuple[int, int], beam_size: int,
+              budget: Budget, restore_dtype: Optional[str] = None) -> dict:
+  """Compile `promot eval`'s decode of one batch exactly as the suite runs it: the t5x tree
+  laid out by the run's rules (checkpoints.loading.param_shardings; cast to `restore_dtype`),
+  the batch over the data axis, the prompt attached (the fine-tuned task: the longest input),
+  beam search with the cache (beam_size > 1) or greedy."""
+  cfg = run.model_config.replace(dropout_rate=0.0, scan_layers=False)
+  inputs, targets = lengths
+  flat = tree_util.flatten(model.abstract_params(cfg))
+  shardings = loading.param_shardings(cfg, {p: v.shape for p, v in flat.items()}, mesh,
+                                      run.rules())
+  dtype = jnp.dtype(restore_dtype) if restore_dtype else None
+  params = tree_util.unflatten({p: jax.ShapeDtypeStruct(v.shape, dtype or v.dtype,
+                                                        sharding=shardings[p])
+                                for p, v in flat.items()})
+  tokens = jax.ShapeDtypeStruct((batch_size, inputs), jnp.int32,
+                                sharding=partitioning.data_sharding(mesh))
+  with_prompt = cfg.prompt_length > 0
+  if beam_size > 1:
+    fn = jax.jit(lambda p, t: decoding.beam_search_jitted(
+        cfg, p, t, targets, beam_size, jnp.float32(0.6), with_prompt, jnp.int32(1)).tokens)
+    what = f'beam-{beam_size} decode'
+  else:
+    fn = jax.jit(lambda p, t: decoding.greedy_decode_jitted(cfg, p, t, targets, with_prompt,
+                                                            jnp.int32(1)))
+    what = 'greedy decode'
+  row, _ = compile_row(lambda: fn.lower(params, tokens), budget.hbm_bytes,
+                        f'eval {what} (batch {batch_size}, inputs {inputs}, targets {targets})')
+  row.update(stage='eval', step=what, mesh=dict(mesh.shape), batch=batch_size,
+             tokens_per_step=batch_size * targets, model_flops=None,
+             param_bytes_per_device=per_device_bytes(params, jax.tree_util.tree_map(
+                 lambda x: x.sharding, params)),
+             restore_dtype=restore_dtype or 'float32',
+             note='XLA counts the decode loop body once: FLOPs = encoder + one decoder step')
+  return _add_speed(row, budget, mesh.devices.size)
+
+
 def search(run, topo: Topology, budget: Budget, stage_names: Sequence[str] = (),
            batch_sizes: Sequence[int] = (), max_model: int = 16) -> list[dict]:
   """Train-step rows for every (data, model) split x batch size; fitting ones first, fastest first."""
@@ -297,6 +335,13 @@ def _parse_mesh(text: Optional[str]) -> Optional[tuple[int, int]]:
   return int(m.group(1)), int(m.group(2))
 
 
+def _parse_pair(text: str, flag: str) -> tuple[int, int]:
+  m = re.fullmatch(r'\s*(\d+)\s*,\s*(\d+)\s*', text or '')
+  if not m:
+    raise ValueError(f'{flag} {text!r}: expected INPUTS,TARGETS, e.g. 1024,128')
+  return int(m.group(1)), int(m.group(2))
+
+
 def command(args: argparse.Namespace) -> int:
   topo = parse_topology(args.topology)
   mesh_shape = _parse_mesh(args.mesh)
@@ -315,6 +360,13 @@ def command(args: argparse.Namespace) -> int:
   stages = [args.stage] if args.stage else []
   if args.search:
     rows = search(run, topo, budget, stages, batch_sizes, args.max_model)
+  elif args.eval:
+    devices = topology_devices(topo)
+    data, model_axis = mesh_shape or (len(devices) // run.num_partitions, run.num_partitions)
+    mesh = make_plan_mesh(devices, data, model_axis)
+    partitioning.check_batch_divisible(args.eval_batch, mesh)
+    rows = [plan_eval(run, mesh, args.eval_batch, _parse_pair(args.eval_lengths, '--eval_lengths'),
+                      args.beam_size, budget, args.restore_dtype)]
   else:
     rows = plan(run, topo, budget, stages, mesh_shape, decode=not args.skip_decode)
   num_devices = math.prod(rows[0]['mesh'].values()) if rows else 0
