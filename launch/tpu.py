@@ -41,7 +41,7 @@ ACCELERATOR_SIZES = {
 # TPU software ("runtime") versions Google recommends for JAX, by generation.
 RUNTIME_VERSIONS = {'v4': 'tpu-ubuntu2204-base', 'v5litepod': 'v2-alpha-tpuv5-lite',
                     'v5p': 'v2-alpha-tpuv5', 'v6e': 'v2-alpha-tpuv6e'}
-ACTIONS = ('create', 'install', 'sync', 'run', 'tail', 'stop', 'clean', 'delete')
+ACTIONS = ('create', 'install', 'sync', 'run', 'eval', 'tail', 'stop', 'clean', 'delete')
 
 
 def accelerator_type(text: str) -> str:
@@ -132,10 +132,23 @@ class Launcher:
         f'{REMOTE_VENV}/bin/python -c "import jax; print(jax.__version__, jax.device_count())"'))
 
   def run(self) -> None:
+    self._start('run', [])
+
+  def eval(self) -> None:
+    """`promot eval` on every worker: the checkpoint read into the pod's mesh, each host
+    decoding its share; worker 0 writes the results."""
+    if not self.args.checkpoint:
+      raise ValueError('eval needs --checkpoint PATH (e.g. gs://bucket/run/model_tuning)')
+    extra = [w for c in self.args.checkpoint for w in ('--checkpoint', c)]
+    if self.args.out_dir:
+      extra += ['--out_dir', self.args.out_dir]
+    self._start('eval', extra)
+
+  def _start(self, command: str, extra: list[str]) -> None:
     gins = [f'--gin_file={remote_gin_path(local, given)}' for given, local in self._gin_files()]
     if not gins:
-      raise ValueError('run needs --gin_file RUN.gin')
-    args = shlex.join(['run', *gins, '--gin.DISTRIBUTED=True', *self.gin_flags])
+      raise ValueError(f'{command} needs --gin_file FILE.gin')
+    args = shlex.join([command, *gins, *extra, '--gin.DISTRIBUTED=True', *self.gin_flags])
     log = f'{REMOTE_LOGS}/{self.args.name}.log'
     self.execute(self.ssh(   # the venv path stays unquoted so that ~ expands on the worker
         f'mkdir -p {REMOTE_LOGS} && cd {REMOTE_DIR} && {{ nohup {REMOTE_VENV}/bin/promot {args} '
@@ -174,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--accelerator-type', default=None, help='e.g. v4-64, v5litepod-256, v5p-128, v6e-64')
   p.add_argument('--version', default=None, help='TPU software version (default: Google\'s JAX '
                  'recommendation for the generation, e.g. tpu-ubuntu2204-base on v4)')
-  p.add_argument('--gin_file', action='append', default=None, help='gin run file (repeatable)')
+  p.add_argument('--gin_file', action='append', default=None,
+                 help='gin run file, or eval file for `eval` (repeatable)')
+  p.add_argument('--checkpoint', action='append', default=None,
+                 help='eval: checkpoint, MODEL_DIR/<stage> or MODEL_DIR (repeatable)')
+  p.add_argument('--out_dir', default=None, help='eval: where results.json go (e.g. gs://...)')
   p.add_argument('--dry-run', action='store_true', help='print every command, run nothing')
   return p
 

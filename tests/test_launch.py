@@ -58,6 +58,18 @@ def test_run_v4_64_dry_run_starts_the_same_command_on_every_worker(capsys, no_gc
                     '--gin.DISTRIBUTED=True', "--gin.MODEL_DIR='gs://bucket/rte xxl'"]
 
 
+def test_eval_dry_run_starts_promot_eval_on_every_worker(capsys, no_gcloud):
+  (cmd,) = dry(capsys, 'eval', *BASE, '--gin_file', 'eval/promot_rte.gin', '--checkpoint',
+               'gs://bucket/rte/model_tuning', '--out_dir', 'gs://bucket/rte/eval',
+               '--gin.NUM_PARTITIONS=8')
+  assert '--worker=all' in cmd
+  remote_cmd = remote(cmd)
+  promot = shlex.split(remote_cmd.split('nohup ', 1)[1].split(' > ', 1)[0])
+  assert promot == ['~/promot_venv/bin/promot', 'eval', '--gin_file=eval/promot_rte.gin',
+                    '--checkpoint', 'gs://bucket/rte/model_tuning', '--out_dir',
+                    'gs://bucket/rte/eval', '--gin.DISTRIBUTED=True', '--gin.NUM_PARTITIONS=8']
+
+
 def test_sync_install_tail_stop_clean_delete_dry_run(capsys, no_gcloud):
   tar, scp, unpack = dry(capsys, 'sync', *BASE, '--gin_file', GIN)
   assert tar[:3] == ['tar', 'czf', tpu.ARCHIVE] and tar[-3:] == ['-C', tpu.ROOT, '.']
