@@ -80,12 +80,12 @@ def test_eight_devices_decode_exactly_what_one_device_decodes(checkpoint, refere
   assert decoded(results) == decoded(reference)
   # each device holds its share of the parameters: replicated small leaves aside, total / model
   total = sum(int(np.prod(v.shape)) * 4 for v in jax.tree_util.tree_leaves(checkpoint[1]))
-  per_device = results['checkpoint']['param_bytes_per_device']
-  replicated = reference['checkpoint']['param_bytes_per_device'] - total
+  per_device = results['settings']['param_bytes_per_device']
+  replicated = reference['settings']['param_bytes_per_device'] - total
   assert replicated == 0
   print(f'{partitions}-way model axis: {per_device:,} bytes per device of {total:,}')
   assert per_device == pytest.approx(total / partitions, rel=0.05 if partitions > 1 else 0)
-  assert results['checkpoint']['largest_device_buffer_bytes'] < total / 2
+  assert results['settings']['largest_device_buffer_bytes'] < total / 2
 
 
 def test_two_processes_with_the_model_axis_across_them_decode_the_same(checkpoint, reference,

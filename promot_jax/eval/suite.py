@@ -179,7 +179,8 @@ def _settings(ecfg: EvalConfig, labels, mesh) -> dict[str, Any]:
 
 
 # What may differ between an interrupted evaluation and its rerun without redoing tasks.
-_LAYOUT_SETTINGS = ('mesh_shape', 'process_count', 'batch_size')
+_LAYOUT_SETTINGS = ('mesh_shape', 'process_count', 'batch_size', 'param_bytes_per_device',
+                    'largest_device_buffer_bytes')
 
 
 def _finished_tasks(out: str, resolved: str, settings: Mapping[str, Any], log: Log) -> dict:
@@ -220,12 +221,12 @@ def evaluate_checkpoint(ecfg: EvalConfig, path: str, name: str, plans: Sequence[
   log(f'[eval {name}] restored {resolved} onto mesh {dict(mesh.shape)} in '
       f'{time.perf_counter() - start:.1f}s: {memory["param_bytes_per_device"] / 2**20:,.1f} MiB '
       'of parameters per device')
-  settings = _settings(ecfg, labels, mesh)
+  settings = {**_settings(ecfg, labels, mesh), **memory}
   out = paths.join(ecfg.out_dir, name, 'results.json')
   tag = lambda message: log(f'[eval {name}] {message}')  # noqa: E731
   done = _finished_tasks(out, resolved, settings, tag)
   results = {'checkpoint': {'name': name, 'path': path, 'resolved': resolved,
-                            'has_prompt': 'prompt' in params, **memory},
+                            'has_prompt': 'prompt' in params},
              'settings': settings, 'tasks': {}, 'failed': []}
   for plan in plans:
     where = 'with prompt' if plan.with_prompt else 'without prompt'
