@@ -80,7 +80,13 @@ def make_mesh(num_partitions: int = 1, devices: Optional[Sequence[jax.Device]] =
       grid = mesh_utils.create_hybrid_device_mesh((data // slices, num_partitions), (slices, 1),
                                                   devices)
     else:
-      grid = mesh_utils.create_device_mesh((data, num_partitions), devices)
+      try:
+        grid = mesh_utils.create_device_mesh((data, num_partitions), devices)
+      except (ValueError, NotImplementedError, AssertionError):
+        # A model axis that is no product of whole torus axes (8 on v5e-256's 16x16): split a
+        # physical axis, still keeping each model group on neighbouring chips.
+        grid = mesh_utils.create_device_mesh((data, num_partitions), devices,
+                                             allow_split_physical_axes=True)
   else:
     ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
     grid = np.asarray(ordered).reshape(data, num_partitions)

@@ -232,6 +232,17 @@ def test_oversized_model_does_not_fit_v4_8():
 
 
 @needs_libtpu
+def test_a_model_axis_that_splits_a_torus_axis_gets_a_mesh_of_neighbours():
+  # v5e-256 is a 16x16 torus: an 8-way model axis (the XXL run files) is half of one axis
+  mesh = plan.make_plan_mesh(plan.topology_devices(plan.parse_topology('v5e-256')), 32, 8)
+  assert dict(mesh.shape) == {'data': 32, 'model': 8}
+  for group in mesh.devices:
+    coords = sorted(tuple(d.coords) for d in group)
+    assert len({c[1] for c in coords}) == 1                       # one row of the torus
+    assert [c[0] for c in coords] == list(range(coords[0][0], coords[0][0] + 8))  # adjacent
+
+
+@needs_libtpu
 def test_eval_decode_of_mt5_small_compiles_for_v4_8_and_bf16_halves_the_weights():
   run = _run('runs/promot_rte_mt5_small.gin', "ACTIVATION_DTYPE='bfloat16'", 'NUM_PARTITIONS=2')
   topo = plan.parse_topology('v4-8')

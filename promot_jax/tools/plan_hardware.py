@@ -18,8 +18,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import mesh_utils, topologies
-from jax.sharding import Mesh
+from jax.experimental import topologies
 
 from promot_jax import mesh as partitioning
 
@@ -130,16 +129,11 @@ def topology_devices(topo: Topology) -> list:
 
 
 def make_plan_mesh(devices: Sequence, data: int, model: int):
-  """A ('data', 'model') mesh; on TPU devices the model axis follows the physical torus."""
+  """The ('data', 'model') mesh the trainer builds (mesh.make_mesh) over the topology's devices."""
   if data * model != len(devices):
     raise ValueError(f'--mesh {data},{model} needs {data * model} devices; the topology has '
                      f'{len(devices)}.')
-  if devices[0].platform == 'tpu':
-    try:
-      return Mesh(mesh_utils.create_device_mesh((data, model), list(devices)), ('data', 'model'))
-    except (ValueError, NotImplementedError, AssertionError):
-      pass
-  return Mesh(np.asarray(partitioning.make_mesh(model, devices).devices), ('data', 'model'))
+  return partitioning.make_mesh(model, devices)   # the trainer's own mesh construction
 
 
 # ---------------------------------------------------------------------------- FLOPs
