@@ -67,6 +67,9 @@ def assert_same_training(a_dir, b_dir, exact=False):
     np.testing.assert_allclose([b_losses[s] for s in sorted(b_losses)],
                                [a_losses[s] for s in sorted(a_losses)], rtol=0 if exact else 1e-5)
     assert a.keys() == b.keys()
+    worst = max(float(np.max(np.abs(b[p] - a[p]))) for p in a)
+    print(f'{stage}: largest parameter difference {worst:.3g}, losses '
+          f'{[b_losses[s] - a_losses[s] for s in sorted(a_losses)]}')
     for path in a:
       if exact:
         np.testing.assert_array_equal(b[path], a[path], err_msg=f'{stage} {path}')
