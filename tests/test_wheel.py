@@ -43,16 +43,17 @@ def installed(wheel, tmp_path_factory):
   venv = tmp_path_factory.mktemp('venv')
   run([sys.executable, '-m', 'venv', venv], cwd=venv)
   bin_dir = venv / 'bin'
+  # Nothing of the caller's PYTHONPATH (a checkout on it would count as promot_jax installed).
+  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+  env['PATH'] = f'{bin_dir}{os.pathsep}{env.get("PATH", "")}'
   purelib = run([bin_dir / 'python', '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'],
-                cwd=venv).stdout.strip()
+                cwd=venv, env=env).stdout.strip()
   # The test environment's packages, after the venv's own (the editable promot_jax finder
   # there is a .pth file of that directory, which a path added this way does not run).
   with open(os.path.join(purelib, 'zz_test_env.pth'), 'w') as f:
     f.write(sysconfig.get_path('purelib') + '\n')
   run([bin_dir / 'python', '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', wheel],
-      cwd=venv)
-  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
-  env['PATH'] = f'{bin_dir}{os.pathsep}{env.get("PATH", "")}'
+      cwd=venv, env=env)
   env['PROMOT_HUGEPAGES'] = '0'
   return bin_dir, env
 
