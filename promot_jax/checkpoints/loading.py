@@ -13,7 +13,6 @@ import json
 from typing import Any, Mapping, Optional
 
 import jax
-
 import numpy as np
 
 from promot_jax import mesh as partitioning, paths, tree_util
