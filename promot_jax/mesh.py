@@ -170,6 +170,11 @@ def global_array(host_global: np.ndarray, sharding: jax.sharding.Sharding) -> ja
                                       lambda index: host_global[index])
 
 
+def batch_array(host_global: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A whole batch (every process holds all of it) laid out over the mesh's 'data' axis."""
+  return global_array(np.asarray(host_global), data_sharding(mesh))
+
+
 def to_host(array: jax.Array) -> np.ndarray:
   """The whole value of a (possibly multi-host) global array on every process, as numpy."""
   if jax.process_count() == 1 or array.is_fully_addressable:

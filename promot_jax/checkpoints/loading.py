@@ -172,10 +172,6 @@ def param_shardings(config: T5Config, shapes: Mapping[str, Any], mesh, rules) ->
   return out
 
 
-def _shape_of(value: Any) -> tuple:
-  return tuple(value.shape) if hasattr(value, 'shape') else tuple(value)
-
-
 def load_on_mesh(path: str, mesh, rules, config: Optional[T5Config] = None,
                  dtype: Any = None, fmt: str = 'auto') -> tuple[T5Config, dict[str, Any]]:
   """(config, params as global jax.Arrays laid out on `mesh`) from any readable checkpoint.

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import serialization
 
-from promot_jax import tree_util
+from promot_jax import mesh as partitioning, tree_util
 
 CHECKPOINT_FILE = 'checkpoint'
 _VERSION = 3  # t5x legacy format version; since 3, bfloat16 is stored natively in zarr.
@@ -332,8 +332,7 @@ def load_t5x_params(path: str, *, dtype: Any = None, progress: Progress | None =
       shapes[p] = tuple(shape if shape is not None else ts.open(
           _absolute_spec(v, ckpt_dir), open=True, read=True).result().shape)
     shardings = shardings_for(shapes)
-    out = {p: jax.make_array_from_callback(v.shape, shardings[p], lambda i, v=v: v[i])
-           for p, v in out.items()}
+    out = {p: partitioning.global_array(v, shardings[p]) for p, v in out.items()}
   if progress is not None and out:
     progress(len(out), len(flat))
   out.update(_read_zarr(specs, ckpt_dir, version, dtype, progress, len(out), len(flat),

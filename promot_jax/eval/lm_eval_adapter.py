@@ -116,7 +116,7 @@ class PromotLM(LM):
     return eval_task.pad_rows(rows, self.batch_size, length)[0]   # [batch_size, length]
 
   def _place(self, rows: np.ndarray) -> jax.Array:
-    return partitioning.global_array(rows, partitioning.data_sharding(self.mesh))
+    return partitioning.batch_array(rows, self.mesh)
 
   def _target_ids(self, continuation: str) -> list[int]:
     ids = list(self.vocab.encode(continuation.lstrip()))

@@ -153,7 +153,7 @@ def evaluate_task(cfg: T5Config, params: Any, plan: TaskPlan, *,
     data = mesh.shape['data']
     batch_size = -(-batch_size // data) * data
   place = (lambda x: x) if mesh is None else (  # noqa: E731
-      lambda x: partitioning.global_array(x, partitioning.data_sharding(mesh)))
+      lambda x: partitioning.batch_array(x, mesh))
   to_host = np.asarray if mesh is None else partitioning.to_host
   if plan.with_prompt and 'prompt' not in params:
     raise ValueError(f'{plan.name} is evaluated with the prompt but the parameters hold none.')

@@ -127,7 +127,7 @@ def gradient_cosines(config: T5Config, params: Mapping[str, Any], batches: Seque
   grad = _grad_fn(config.replace(dropout_rate=0.0, scan_layers=False), tuple(names.values()),
                   with_prompt)
   place = (lambda x: jnp.asarray(x)) if mesh is None else (  # noqa: E731
-      lambda x: partitioning.global_array(np.asarray(x), partitioning.data_sharding(mesh)))
+      lambda x: partitioning.batch_array(x, mesh))
   totals = {'real': None, 'format': None}
   for batch, perm in zip(batches, permutations):
     for kind, b in (('real', batch), ('format', permute_targets(batch, perm))):
