@@ -6,6 +6,7 @@ The stable Python API (see README, "Python API"):
   init_params, abstract_params             random or shape-only parameters
   compute_logits, greedy_decode            run the model, with or without the prompt
   initialize_prompt, save_prompt_npy, load_prompt_npy
+  initialize_lora, without_modules         LoRA adapters; the base network without any module
 """
 
 __version__ = '0.1.0'
@@ -13,6 +14,8 @@ __version__ = '0.1.0'
 from promot_jax.checkpoints.loading import load_pretrained
 from promot_jax.model.config import T5Config, config_from_hf, get_config
 from promot_jax.model.decoding import greedy_decode
+from promot_jax.model.formats import without_modules
+from promot_jax.model.lora import initialize_lora
 from promot_jax.model.prompt import initialize_prompt, load_prompt_npy, save_prompt_npy
 from promot_jax.model.transformer import abstract_params, compute_logits, init_params
 

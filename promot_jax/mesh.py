@@ -37,6 +37,7 @@ STANDARD_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ('mlp_activations', None),
     ('prompt', None),
     ('prompt_embed', None),
+    ('lora_rank', None),        # LoRA adapters: the rank axis is tiny; the other follows the kernel
 )
 
 
@@ -120,8 +121,8 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules: LogicalRules) -> 
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches: split over 'data', replicated over 'model'. Shape [batch, length]."""
-  return NamedSharding(mesh, PartitionSpec('data', None))
+  """Batches: rows split over 'data', replicated over 'model' ([batch] or [batch, length])."""
+  return NamedSharding(mesh, PartitionSpec('data'))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -40,15 +40,17 @@ def count_params(tree: Mapping[str, Any]) -> int:
 
 
 def check_tree_matches(loaded: Mapping[str, Any], expected: Mapping[str, Any],
-                       source: str, ignore_missing: tuple[str, ...] = ()) -> None:
+                       source: str, ignore_missing: Any = ()) -> None:
   """Raise a clear error unless `loaded` has exactly `expected`'s paths and shapes.
 
   `expected` may hold jax.ShapeDtypeStruct leaves (from jax.eval_shape). Paths whose first
-  component is in `ignore_missing` (e.g. 'prompt', which checkpoints of a pretrained model lack)
-  may be absent from `loaded`.
+  component is in `ignore_missing` (e.g. 'prompt', which checkpoints of a pretrained model lack),
+  or for which `ignore_missing` (a predicate on the path) is true, may be absent from `loaded`.
   """
   got, want = flatten(loaded), flatten(expected)
-  missing = [p for p in want if p not in got and p.split('/')[0] not in ignore_missing]
+  may_miss = ignore_missing if callable(ignore_missing) else (
+      lambda p: p.split('/')[0] in ignore_missing)
+  missing = [p for p in want if p not in got and not may_miss(p)]
   extra = [p for p in got if p not in want]
   problems = []
   if missing:
@@ -64,3 +66,8 @@ def check_tree_matches(loaded: Mapping[str, Any], expected: Mapping[str, Any],
         f'The parameters in {source} do not match the model config:\n  - ' + '\n  - '.join(problems)
         + '\nPick the model config that matches the checkpoint (e.g. --model=mt5_small or the '
         'matching gin/models/*.gin).')
+
+
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+  """One nested tree of both; where both hold a leaf, `top`'s wins."""
+  return unflatten({**flatten(base), **flatten(top)})

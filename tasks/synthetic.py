@@ -27,6 +27,7 @@ Registered on import (twice is harmless):
   synth_sorted            the classification task (balanced True/False)
   synth_has_a             another one: 'hbe Does it contain a? answer:' -> 'False'
   synth_icl_<k>shot       mixtures of the in-context tasks at k shots
+  synth_classify          synth_has_a + synth_sorted at equal rates (multi-task ProMoT)
 """
 
 from __future__ import annotations
@@ -255,6 +256,9 @@ def _register() -> None:
     mixture = f'synth_icl_{k}shot'
     if mixture not in seqio.MixtureRegistry.names():
       seqio.MixtureRegistry.add(mixture, [icl_task_name(t, k) for t in TASKS], default_rate=1.0)
+  if 'synth_classify' not in seqio.MixtureRegistry.names():   # multi-task ProMoT's pair
+    seqio.MixtureRegistry.add('synth_classify', [f'synth_{t}' for t in CLASSIFIERS],
+                              default_rate=1.0)
 
 
 _register()

@@ -63,3 +63,21 @@ def test_pretrain_reproduces_the_shipped_model(tmp_path):
     shipped = orbax_io.read_meta(demo.SHIPPED_PRETRAINED)['validation']
     again = demo.validation_accuracy(reproduced)
     assert abs(again - shipped) <= 5.0, (diff, again, shipped)
+
+
+@pytest.mark.slow
+def test_demo_methods_add_lora_promot_and_multitask_promot_columns(tmp_path, capsys):
+  out = str(tmp_path / 'demo')
+  assert cli.main(['demo', '--quick', '--methods', 'lora,multitask', '--out_dir', out]) == 0
+  report = json.load(open(os.path.join(out, 'results.json')))
+  assert report['methods'] == ['Pretrained', 'Fine-tuning', 'Prompt tuning', 'ProMoT',
+                               'LoRA-ProMoT (r=4)', 'Multi-task ProMoT']
+  by_task = report['finetuned_by_task']
+  assert by_task['synth_has_a']['LoRA-ProMoT (r=4)']['with_prompt']
+  # multi-task ProMoT is scored on both of its tasks, each with its own prompt
+  assert set(by_task['synth_sorted']) == {'Multi-task ProMoT'}
+  assert by_task['synth_has_a']['Multi-task ProMoT']['with_prompt']
+  for method in report['methods']:
+    assert all(v is not None for v in report['norm_avg'][method].values())
+  assert cli.main(['demo', '--methods', 'lora,bogus', '--out_dir', out]) == 2
+  assert 'bogus' in capsys.readouterr().err

@@ -172,7 +172,9 @@ def test_rank_classification_and_validation_metrics(checkpoints, toy_config):
                                       batch_size=4, max_examples=8, with_prompt=True,
                                       decoding_method='beam', metric='accuracy',
                                       labels=('False', 'True'))
-  assert set(val) == {'validation/decode_accuracy', 'validation/decode_num_examples'}
+  assert set(val) == {'validation/decode_accuracy', 'validation/decode_num_examples',
+                      'validation/decode_score'}
+  assert val['validation/decode_score'] == val['validation/decode_accuracy']
   assert val['validation/decode_num_examples'] == 8
 
 

@@ -147,3 +147,44 @@ def test_checkpoint_without_prompt_writes_no_adapter(params, tmp_path):
   written = export.export_hf(ckpt, str(tmp_path / 'hf'))
   assert written['adapter'] is None
   assert export.DEFAULT_ADAPTER_SUBDIR not in os.listdir(written['model'])
+
+
+# ------------------------------------------------------------------------ LoRA -> PEFT LoRA
+LORA_CFG = config.get_config('mt5_tiny', lora_rank=4, lora_alpha=8.0, dropout_rate=0.0,
+                             lora_targets=r'(attention/(query|value)|mlp/wo)$')
+
+
+@pytest.fixture(scope='module')
+def lora_params():
+  """Tiny parameters with trained-looking adapters (B drawn, not zero) on q, v and the MLP out."""
+  from promot_jax.model import lora
+  p = lora.initialize_lora(host_params(LORA_CFG.base(), seed=7), LORA_CFG)
+  rng = np.random.default_rng(5)
+  return tree_util.unflatten({k: (0.3 * rng.standard_normal(v.shape).astype(np.float32)
+                                  if k.endswith('/lora_b') else v)
+                              for k, v in tree_util.flatten(p).items()})
+
+
+def test_lora_exports_as_a_peft_lora_adapter_with_the_same_logits(lora_params, tmp_path, capsys):
+  stage = make_stage_dir(tmp_path / 'run', lora_params, LORA_CFG, step=10)
+  assert cli.main(['export', '--to', 'hf', '--checkpoint', stage, '--out',
+                   str(tmp_path / 'hf')]) == 0
+  assert 'PEFT LoRA adapter on 16 modules' in capsys.readouterr().out
+  adapter = tmp_path / 'hf' / export.DEFAULT_LORA_SUBDIR
+  with open(adapter / export.ADAPTER_CONFIG) as f:
+    written = json.load(f)
+  assert (written['peft_type'], written['r'], written['lora_alpha']) == ('LORA', 4, 8.0)
+  assert 'decoder.block.1.layer.1.EncDecAttention.v' in written['target_modules']
+  base = transformers.MT5ForConditionalGeneration.from_pretrained(str(tmp_path / 'hf'))
+  peft_model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+  enc, dec = batch(2)
+  want = np.asarray(model.compute_logits(LORA_CFG, lora_params, jnp.asarray(enc),
+                                         jnp.asarray(dec), with_prompt=True))
+  diff = float(np.abs(torch_logits(peft_model, enc, dec) - want).max())
+  print(f'max |logits diff| with LoRA (PEFT): {diff:.3g}')
+  assert diff <= TOLERANCE
+  off = np.asarray(model.compute_logits(LORA_CFG, lora_params, jnp.asarray(enc),
+                                        jnp.asarray(dec), with_prompt=False))
+  assert np.abs(want - off).max() > 100 * TOLERANCE              # the adapters matter
+  with peft_model.disable_adapter():                              # PEFT's switch = ours
+    assert np.abs(torch_logits(peft_model, enc, dec) - off).max() <= TOLERANCE

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import numpy as np
 
 from promot_jax import tree_util
-from promot_jax.model import transformer as model
+from promot_jax.model import formats, transformer as model
 from promot_jax.model.config import T5Config, config_from_hf
 
 CONFIG_NAME = 'config.json'
@@ -272,7 +272,7 @@ def load_hf_params(path: str, config: Optional[T5Config] = None,
 
   readers = _safetensors_readers(files) if kind == 'safetensors' else _torch_readers(files)
   try:
-    rows = name_map(config.replace(prompt_length=0))
+    rows = name_map(config.base())
   except ValueError as e:
     raise ValueError(f'Cannot load {path} with this config: {e}') from None
   # Names first (cheap), so that a wrong checkpoint fails before gigabytes are read.
@@ -316,5 +316,5 @@ def load_hf_params(path: str, config: Optional[T5Config] = None,
 
   params = tree_util.unflatten(flat)
   tree_util.check_tree_matches(params, model.abstract_params(config), source=path,
-                               ignore_missing=('prompt',))
+                               ignore_missing=formats.is_module_path)
   return config, params

@@ -17,7 +17,7 @@ import numpy as np
 
 from promot_jax import mesh as partitioning, paths, tree_util
 from promot_jax.checkpoints import hf, orbax_io, t5x
-from promot_jax.model import transformer as model
+from promot_jax.model import formats, transformer as model
 from promot_jax.model.config import T5Config, config_from_hf
 
 FORMATS = ('auto', 'hf', 't5x', 'orbax')
@@ -60,23 +60,22 @@ def config_from_params(params: Mapping[str, Any], **overrides: Any) -> T5Config:
                  mlp_dim=mlp, num_encoder_layers=count('encoder'),
                  num_decoder_layers=count('decoder'), relative_attention_num_buckets=buckets,
                  logits_via_embedding='decoder/logits_dense/kernel' not in flat)
-  if 'prompt/prompt' in flat:
-    cfg = cfg.replace(prompt_length=shape('prompt/prompt')[0])
-  return cfg.replace(**overrides)
+  return formats.infer_modules(params, cfg).replace(**overrides)
 
 
 def load_pretrained(path: str, config: Optional[T5Config] = None, fmt: str = 'auto',
                     ) -> tuple[T5Config, dict[str, Any]]:
   """(config, params as float32 numpy) from an HF, t5x or promot_jax checkpoint.
 
-  When `config` is given, the checkpoint must match its architecture; the prompt may be
-  absent from the checkpoint (pretrained weights never have one) and is then left out.
+  When `config` is given, the checkpoint must match its architecture; format modules (the
+  prompt, LoRA adapters) may be absent from the checkpoint (pretrained weights never have
+  them) and are then left out.
   """
   if fmt not in FORMATS:
     raise ValueError(f'Unknown checkpoint format {fmt!r}; choose one of {FORMATS}.')
   fmt = detect_format(path) if fmt == 'auto' else fmt
   if fmt == 'hf':
-    found_cfg, params = hf.load_hf_params(path, config.replace(prompt_length=0) if config else None)
+    found_cfg, params = hf.load_hf_params(path, config.base() if config else None)
   elif fmt == 't5x':
     params = t5x.load_t5x_params(path, dtype=np.float32)
     found_cfg = config_from_params(params)
@@ -85,11 +84,11 @@ def load_pretrained(path: str, config: Optional[T5Config] = None, fmt: str = 'au
     found_cfg = orbax_io.read_config(path)
     base = orbax_io.read_meta(path).get('base')
     if base is not None:   # it stores what its stage trained; the rest is the base's
-      params = {**load_base(base, found_cfg), **params}
+      params = tree_util.merge(load_base(base, found_cfg), params)
   if config is None:
     config = found_cfg
   tree_util.check_tree_matches(params, model.abstract_params(config), source=path,
-                               ignore_missing=('prompt',))
+                               ignore_missing=formats.is_module_path)
   return config, params
 
 
@@ -143,14 +142,14 @@ def load_base(base: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
   a clear error when the base changed or is another one than the checkpoint was trained on."""
   check_base(base, config)
   if 'path' in base:
-    return load_pretrained(base['path'], config.replace(prompt_length=0))[1]
+    return load_pretrained(base['path'], config.base())[1]
   return jax.tree_util.tree_map(np.asarray, model.init_params(
-      config.replace(prompt_length=0), jax.random.PRNGKey(base['random_init_seed'])))
+      config.base(), jax.random.PRNGKey(base['random_init_seed'])))
 
 
 def base_shapes(config: T5Config) -> dict[str, Any]:
   """The shapes of the base parameters (everything but the prompt)."""
-  return model.abstract_params(config.replace(prompt_length=0))
+  return model.abstract_params(config.base())
 
 
 # ------------------------------------------------------------------------ straight onto a mesh
@@ -195,7 +194,7 @@ def load_on_mesh(path: str, mesh, rules, config: Optional[T5Config] = None,
     params = orbax_io.restore_params(path, tree_util.unflatten(abstract))
     base = orbax_io.read_meta(path).get('base')
     if base is not None:   # the frozen rest, from the base it names (fingerprint checked)
-      params = {**_base_on_mesh(base, found_cfg, mesh, rules, dtype), **params}
+      params = tree_util.merge(_base_on_mesh(base, found_cfg, mesh, rules, dtype), params)
   elif fmt == 't5x':
     found: dict[str, T5Config] = {}
 
@@ -212,16 +211,16 @@ def load_on_mesh(path: str, mesh, rules, config: Optional[T5Config] = None,
       return partitioning.global_array(cast(array), sharding)
 
     config = config or config_from_hf(path)
-    _, params = hf.load_hf_params(path, config.replace(prompt_length=0), place=place)
+    _, params = hf.load_hf_params(path, config.base(), place=place)
   tree_util.check_tree_matches(params, model.abstract_params(config), source=path,
-                               ignore_missing=('prompt',))
+                               ignore_missing=formats.is_module_path)
   return config, params
 
 
 def _base_on_mesh(base: Mapping[str, Any], config: T5Config, mesh, rules, dtype) -> dict:
   check_base(base, config)
   if 'path' in base:
-    return load_on_mesh(base['path'], mesh, rules, config.replace(prompt_length=0), dtype)[1]
+    return load_on_mesh(base['path'], mesh, rules, config.base(), dtype)[1]
   params = tree_util.flatten(load_base(base, config))
   shardings = param_shardings(config, {p: v.shape for p, v in params.items()}, mesh, rules)
   return tree_util.unflatten({

@@ -5,7 +5,7 @@ Layout under MODEL_DIR/<stage name>/:
   checkpoint_<step>/promot.json  model config + metadata (see orbax_io)
   checkpoint_<step>/opt_state/   optimizer state of the trainable subtree (orbax)
   checkpoint_<step>/state.json   step, data-iterator position, validation metrics
-  checkpoint_<step>/prompt.npy   the prompt, when the model has one
+  checkpoint_<step>/prompt.npy   the prompt, when the model has one (prompt_<task>.npy per task)
   kept.json                      the step the next stage starts from (best by the metric)
   metrics.jsonl                  every validation, one line per checkpoint step (history;
                                  it outlives pruned checkpoints; a resumed step's later line wins)
@@ -219,8 +219,8 @@ class StageCheckpoints:
     checkpointer.wait_until_finished()
     _sync(f'ckpt_written_{step}')
     if jax.process_index() == 0:
-      if prompt_lib.has_prompt(params):
-        paths.write_bytes(paths.join(tmp, 'prompt.npy'), prompt_lib.npy_bytes(params))
+      for name, data in prompt_lib.npy_files(params).items():
+        paths.write_bytes(paths.join(tmp, name), data)
       write_json(paths.join(tmp, 'state.json'), dict(state, step=step))
       if tmp == final:
         pass   # written in place (GCS); state.json came last

@@ -8,7 +8,7 @@ format (checkpoints.loading decides).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from promot_jax import paths
 from promot_jax.checkpoints import loading, orbax_io
 from promot_jax.checkpoints.manager import StageCheckpoints
+from promot_jax.model import formats
 from promot_jax.model.config import T5Config
 
 
@@ -48,11 +49,19 @@ def checkpoint_name(resolved: str) -> str:
 
 
 def checkpoint_has_prompt(resolved: str) -> bool:
-  """Whether the checkpoint holds prompt/prompt (metadata only for promot_jax checkpoints)."""
+  """Whether the checkpoint holds a format module (a prompt or LoRA adapters; metadata only
+  for promot_jax checkpoints)."""
   fmt = loading.detect_format(resolved)
   if fmt == 'orbax':
-    return 'prompt' in orbax_io.param_shapes(resolved)
-  return fmt == 't5x' and 'prompt' in loading.load_pretrained(resolved, fmt='t5x')[1]
+    return bool(formats.module_paths(orbax_io.param_shapes(resolved)))
+  return fmt == 't5x' and bool(formats.module_paths(
+      loading.load_pretrained(resolved, fmt='t5x')[1]))
+
+
+def checkpoint_method(resolved: str) -> Optional[str]:
+  """The method label the trainer wrote with a checkpoint (train/methods.py), if any."""
+  state = paths.join(resolved, 'state.json')
+  return paths.read_json(state).get('method') if paths.exists(state) else None
 
 
 def load_checkpoint(resolved: str, mesh=None, rules=None,

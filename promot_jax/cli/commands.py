@@ -155,6 +155,9 @@ def add_demo(subparsers) -> None:
                  help='start from this pretrained checkpoint instead of demo/pretrained')
   p.add_argument('--ship', action='store_true',
                  help='with --pretrain: copy the new pretrained model to demo/pretrained')
+  p.add_argument('--methods', default='', metavar='M[,M]',
+                 help='also run these (comma-separated): lora (LoRA-ProMoT), multitask '
+                      '(multi-task ProMoT); each adds about as much time as ProMoT')
   p.add_argument('--quick', action='store_true', help='a few steps of everything (a smoke test)')
 
 

@@ -7,6 +7,7 @@ import json
 
 from promot_jax import tree_util
 from promot_jax.checkpoints import loading, orbax_io
+from promot_jax.model import formats
 from promot_jax.cli import commands, local_pod
 from promot_jax.ginconf import loaders
 from promot_jax.ginconf.parse import resolve_model
@@ -55,6 +56,7 @@ def info(args: argparse.Namespace) -> int:
   info = {'path': args.path, 'format': fmt, 'num_params': tree_util.count_params(shapes),
           'has_prompt': 'prompt/prompt' in flat,
           'prompt_shape': list(flat['prompt/prompt'].shape) if 'prompt/prompt' in flat else None,
+          'format_modules': list(formats.kinds(formats.infer_modules(shapes, cfg.base()))),
           'config': cfg.to_dict(),
           'tree': {p: [list(v.shape), str(v.dtype)] for p, v in sorted(flat.items())}}
   if args.json:
@@ -68,5 +70,6 @@ def info(args: argparse.Namespace) -> int:
     print('  (layers_1.. elided: same names as layers_0; --full lists all)')
   print(f'parameters: {info["num_params"]:,} ({info["num_params"] / 1e6:.1f}M)')
   print(f'prompt:     {"yes " + str(tuple(info["prompt_shape"])) if info["has_prompt"] else "no"}')
+  print(f'modules:    {", ".join(info["format_modules"]) or "none"} (removable format modules)')
   print(f'config:     {json.dumps(cfg.architecture())}')
   return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -84,9 +84,21 @@ def _check_vocabularies(name: str) -> None:
       check_vocabulary_readable(feature.vocabulary)
 
 
+PROMPT_IDS = 'prompt_ids'
+
+
 def _dataset(task: str, task_feature_lengths: Mapping[str, int], split: str, seed: int,
-             shuffle: bool, repeat: bool, pack: bool, use_cached: bool):
-  """seqio's whole example stream after the encoder-decoder feature converter."""
+             shuffle: bool, repeat: bool, pack: bool, use_cached: bool,
+             prompt_tasks: Sequence[str] = ()):
+  """seqio's whole example stream after the encoder-decoder feature converter.
+
+  With `prompt_tasks` (a model with one prompt per task) every example also carries
+  'prompt_ids', the index of its own task in `prompt_tasks`; a mixture is then sampled here,
+  task by task at the mixture's rates, so each example's task stays known.
+  """
+  if prompt_tasks:
+    return _routed_dataset(task, task_feature_lengths, split, seed, shuffle, repeat, pack,
+                           use_cached, tuple(prompt_tasks))
   converter = seqio.EncDecFeatureConverter(pack=pack)
   ds = seqio.get_dataset(
       task, task_feature_lengths=dict(task_feature_lengths), dataset_split=split,
@@ -95,6 +107,32 @@ def _dataset(task: str, task_feature_lengths: Mapping[str, int], split: str, see
   options = tf.data.Options()
   options.deterministic = True  # parallel maps keep their order whatever the global setting
   return ds.with_options(options)
+
+
+def _routed_dataset(task, task_feature_lengths, split, seed, shuffle, repeat, pack, use_cached,
+                    prompt_tasks: tuple[str, ...]):
+  provider = seqio.get_mixture_or_task(task)
+  leaves = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+  unknown = [t.name for t in leaves if t.name not in prompt_tasks]
+  if unknown:
+    raise ValueError(f'{task} holds tasks without a prompt of their own: {unknown}; the '
+                     f'model has prompts for PROMPT_TASKS = {list(prompt_tasks)}.')
+  datasets = [_dataset(t.name, task_feature_lengths, split, seed, shuffle, repeat, pack,
+                       use_cached).map(functools.partial(_with_prompt_id,
+                                                         prompt_tasks.index(t.name)))
+              for t in leaves]
+  if len(datasets) == 1:
+    return datasets[0]
+  rates = np.asarray([provider.get_rate(t) for t in leaves], np.float64)
+  ds = tf.data.Dataset.sample_from_datasets(datasets, weights=list(rates / rates.sum()),
+                                            seed=seed, stop_on_empty_dataset=False)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def _with_prompt_id(index: int, example):
+  return dict(example, **{PROMPT_IDS: tf.constant(index, tf.int32)})
 
 
 class BatchIterator:
@@ -111,7 +149,8 @@ class BatchIterator:
   def __init__(self, task: str, task_feature_lengths: Mapping[str, int], split: str,
                global_batch_size: int, *, seed: int, shuffle: bool = True, repeat: bool = True,
                drop_remainder: bool = True, pack: bool = False, shard_index: int = 0,
-               num_shards: int = 1, use_cached: bool = False, batches_consumed: int = 0):
+               num_shards: int = 1, use_cached: bool = False, batches_consumed: int = 0,
+               prompt_tasks: Sequence[str] = ()):
     if num_shards < 1 or not 0 <= shard_index < num_shards:
       raise ValueError(f'shard_index={shard_index} must lie in [0, num_shards={num_shards}).')
     if global_batch_size < 1 or global_batch_size % num_shards:
@@ -124,10 +163,12 @@ class BatchIterator:
     self.spec = dict(task=task, task_feature_lengths=dict(task_feature_lengths), split=split,
                      global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
                      repeat=repeat, drop_remainder=drop_remainder, pack=pack,
-                     shard_index=shard_index, num_shards=num_shards, use_cached=use_cached)
+                     shard_index=shard_index, num_shards=num_shards, use_cached=use_cached,
+                     prompt_tasks=list(prompt_tasks))
     self.host_batch = global_batch_size // num_shards
     self._rows = slice(shard_index * self.host_batch, (shard_index + 1) * self.host_batch)
-    ds = _dataset(task, task_feature_lengths, split, seed, shuffle, repeat, pack, use_cached)
+    ds = _dataset(task, task_feature_lengths, split, seed, shuffle, repeat, pack, use_cached,
+                  prompt_tasks)
     ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
     if batches_consumed:
       ds = ds.skip(batches_consumed)
@@ -149,6 +190,7 @@ class BatchIterator:
       raise ValueError(f'Data-iterator state lacks {missing}; it was not written by '
                        'BatchIterator.state().')
     kwargs = {k: state[k] for k in _STATE_KEYS}
+    kwargs['prompt_tasks'] = state.get('prompt_tasks', ())   # absent before per-task prompts
     if shard_index is not None:
       kwargs['shard_index'] = shard_index
     return cls(kwargs.pop('task'), kwargs.pop('task_feature_lengths'), kwargs.pop('split'),
@@ -175,7 +217,8 @@ def make_batch_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping
                         split: str, global_batch_size: int, *, seed: int, shuffle: bool = True,
                         repeat: bool = True, drop_remainder: bool = True, pack: bool = False,
                         shard_index: Optional[int] = None, num_shards: Optional[int] = None,
-                        start_batch: int = 0, use_cached: bool = False) -> BatchIterator:
+                        start_batch: int = 0, use_cached: bool = False,
+                        prompt_tasks: Sequence[str] = ()) -> BatchIterator:
   """This host's slice of every global batch, from batch `start_batch` on.
 
   `shard_index` / `num_shards` default to jax.process_index() / jax.process_count(), read at
@@ -187,7 +230,7 @@ def make_batch_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping
       shuffle=shuffle, repeat=repeat, drop_remainder=drop_remainder, pack=pack,
       shard_index=jax.process_index() if shard_index is None else shard_index,
       num_shards=jax.process_count() if num_shards is None else num_shards,
-      use_cached=use_cached, batches_consumed=start_batch)
+      use_cached=use_cached, batches_consumed=start_batch, prompt_tasks=prompt_tasks)
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ from promot_jax.checkpoints import resolve
 from promot_jax.data import pipeline
 from promot_jax.eval import metrics, registry
 from promot_jax.eval.task import TaskPlan, default_split, evaluate_task, expand, plan_for, shots_of
+from promot_jax.model import formats
 
 Log = Callable[[str], None]
 
@@ -226,7 +227,9 @@ def evaluate_checkpoint(ecfg: EvalConfig, path: str, name: str, plans: Sequence[
   tag = lambda message: log(f'[eval {name}] {message}')  # noqa: E731
   done = _finished_tasks(out, resolved, settings, tag)
   results = {'checkpoint': {'name': name, 'path': path, 'resolved': resolved,
-                            'has_prompt': 'prompt' in params},
+                            'has_prompt': 'prompt' in params,
+                            'format_modules': list(formats.kinds(cfg)),
+                            'method': resolve.checkpoint_method(resolved)},
              'settings': settings, 'tasks': {}, 'failed': []}
   for plan in plans:
     where = 'with prompt' if plan.with_prompt else 'without prompt'

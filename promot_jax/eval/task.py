@@ -17,7 +17,7 @@ import seqio
 from promot_jax import mesh as partitioning
 from promot_jax.data import pipeline
 from promot_jax.eval import metrics, postprocess, registry
-from promot_jax.model import decoding
+from promot_jax.model import decoding, formats, prompt
 from promot_jax.model.config import T5Config
 
 Log = Callable[[str], None]
@@ -155,8 +155,11 @@ def evaluate_task(cfg: T5Config, params: Any, plan: TaskPlan, *,
   place = (lambda x: x) if mesh is None else (  # noqa: E731
       lambda x: partitioning.batch_array(x, mesh))
   to_host = np.asarray if mesh is None else partitioning.to_host
-  if plan.with_prompt and 'prompt' not in params:
-    raise ValueError(f'{plan.name} is evaluated with the prompt but the parameters hold none.')
+  if plan.with_prompt:
+    if not cfg.has_format_module or formats.missing_modules(params, cfg):
+      raise ValueError(f'{plan.name} is evaluated with the prompt (the format module) but the '
+                       'parameters hold none.')
+    cfg, params = prompt.select_task_prompt(cfg, params, plan.name)   # per-task prompts
   vocab = check_vocabulary(plan.name, cfg)
   own_postprocess = registry.task_info(plan.name).postprocess   # a task's own, if it has one
   in_len, out_len = int(task_feature_lengths['inputs']), int(task_feature_lengths['targets'])
@@ -230,9 +233,25 @@ def validation_metrics(config: T5Config, params: Any, task_name: str, split: str
                        prefix: str = 'validation/', mesh=None) -> dict[str, float]:
   """Decode-based validation of a stage's task, for keep-best checkpoint selection.
 
-  Returns {prefix + 'decode_<metric>': score (0-100), prefix + 'decode_num_examples': n};
+  Returns {prefix + 'decode_<metric>': score (0-100), prefix + 'decode_num_examples': n,
+  prefix + 'decode_score': the same score under a name that does not depend on the task};
   the metric and labels default to what the task registered (registry), else accuracy.
+  A mixture validated on a model with one prompt per task is decoded task by task, each with
+  its own prompt: every task's score is reported (prefix + 'decode_<metric>/<task>') and
+  their plain mean as prefix + 'decode_score'.
   """
+  if with_prompt and config.prompt_tasks and len(expand(task_name)) > 1:
+    out, scores = {}, []
+    for name in expand(task_name):
+      one = validation_metrics(config, params, name, split, task_feature_lengths=task_feature_lengths,
+                               batch_size=batch_size, max_examples=max_examples,
+                               with_prompt=True, decoding_method=decoding_method,
+                               beam_size=beam_size, alpha=alpha, prefix=prefix, mesh=mesh)
+      key = next(k for k in one if not k.endswith(('num_examples', 'decode_score')))
+      out[f'{key}/{name}'] = one[key]
+      scores.append(one[key])
+    out[f'{prefix}decode_score'] = float(np.mean(scores))
+    return out
   info = registry.task_info(task_name, metric, labels)
   metric = info.metric or 'accuracy'
   plan = TaskPlan(task_name, 'finetuned', with_prompt, shots_of(task_name), split, metric,
@@ -242,4 +261,5 @@ def validation_metrics(config: T5Config, params: Any, task_name: str, split: str
                         max_examples=max_examples, decoding_method=decoding_method,
                         beam_size=beam_size, alpha=alpha, num_saved_examples=0, mesh=mesh)
   return {f'{prefix}decode_{metric}': float(entry[metric]),
-          f'{prefix}decode_num_examples': float(entry['num_examples'])}
+          f'{prefix}decode_num_examples': float(entry['num_examples']),
+          f'{prefix}decode_score': float(entry[metric])}

@@ -35,13 +35,32 @@ class T5Config:
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
-  # The soft prompt. 0 means the model has no prompt parameter at all.
+  # Removable format modules (model/formats.py). The soft prompt: 0 means the model has no
+  # prompt parameter at all. `prompt_tasks` names one prompt per task (prompt/<task>, routed
+  # by each example's prompt id) instead of the single prompt/prompt.
   prompt_length: int = 0
+  prompt_tasks: Sequence[str] = ()
+  # LoRA adapters beside every kernel whose module path (e.g. encoder/layers_0/attention/query)
+  # the regex `lora_targets` finds: lora_a [in, rank], lora_b [rank, out], output scaled by
+  # lora_alpha / lora_rank (PEFT's convention). 0: none.
+  lora_rank: int = 0
+  lora_alpha: float = 8.0
+  lora_targets: str = r'attention/(query|value)$'
   # Memory/speed knobs, no effect on the parameter tree.
   remat_policy: str = 'none'    # 'none' | 'full' | 'minimal' (save dots)
   # Run each stack's layers under nn.scan (one compiled layer body, params stacked on a
   # leading 'layers' axis inside the step). Checkpoints keep the t5x tree (layers_N).
   scan_layers: bool = False
+
+  def __post_init__(self):
+    # Hashable whatever the caller passed (gin gives lists): the config is a static jit argument.
+    for key in ('mlp_activations', 'prompt_tasks'):
+      object.__setattr__(self, key, tuple(getattr(self, key)))
+    if len(set(self.prompt_tasks)) != len(self.prompt_tasks):
+      raise ValueError(f'PROMPT_TASKS names a task twice: {list(self.prompt_tasks)}')
+    if self.prompt_tasks and self.prompt_length <= 0:
+      raise ValueError('PROMPT_TASKS gives one prompt per task, but PROMPT_LENGTH is 0; set '
+                       'the prompt length (the paper uses 100).')
 
   def replace(self, **changes: Any) -> 'T5Config':
     return dataclasses.replace(self, **changes)
@@ -49,6 +68,7 @@ class T5Config:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d['mlp_activations'] = list(self.mlp_activations)
+    d['prompt_tasks'] = list(self.prompt_tasks)
     return d
 
   @classmethod
@@ -58,9 +78,19 @@ class T5Config:
     if unknown:
       raise ValueError(f'Unknown T5Config fields {unknown}; known fields: {sorted(known)}')
     d = dict(d)
-    if 'mlp_activations' in d:
-      d['mlp_activations'] = tuple(d['mlp_activations'])
+    for key in ('mlp_activations', 'prompt_tasks'):
+      if key in d:
+        d[key] = tuple(d[key])
     return cls(**d)
+
+  @property
+  def has_format_module(self) -> bool:
+    """Whether the config has any removable format module (prompt or LoRA)."""
+    return self.prompt_length > 0 or self.lora_rank > 0
+
+  def base(self) -> 'T5Config':
+    """This config without any format module: the pretrained network's parameter tree."""
+    return self.replace(prompt_length=0, prompt_tasks=(), lora_rank=0)
 
   def architecture(self) -> dict[str, Any]:
     """The fields that decide the parameter tree's shapes (not dropout, dtype, remat)."""
@@ -68,7 +98,13 @@ class T5Config:
             'head_dim', 'mlp_dim', 'logits_via_embedding', 'prompt_length')
     d = self.to_dict()
     d['mlp_activations'] = list(self.mlp_activations)
-    return {k: d[k] for k in keys + ('mlp_activations',)}
+    arch = {k: d[k] for k in keys + ('mlp_activations',)}
+    # Written only when set, so the architecture of a run made before they existed is unchanged.
+    if self.prompt_tasks:
+      arch['prompt_tasks'] = list(self.prompt_tasks)
+    if self.lora_rank:
+      arch.update(lora_rank=self.lora_rank, lora_targets=self.lora_targets)
+    return arch
 
 
 def _size(vocab: int, emb: int, heads: int, layers: int, mlp: int, head_dim: int = 64) -> T5Config:

@@ -24,22 +24,26 @@ PAD_ID, EOS_ID = 0, 1
 
 
 def init_cache(model: Transformer, params: Mapping[str, Any], encoded: Array, valid: Array,
-               batch: int, max_decode_length: int) -> Any:
+               batch: int, max_decode_length: int, with_prompt: bool = False) -> Any:
   """Zeroed cache variables sized [batch, max_decode_length, heads, kv] per attention layer."""
   dummy = jnp.zeros((batch, max_decode_length), jnp.int32)
   variables = jax.eval_shape(
       lambda: model.apply({'params': params}, encoded, valid, dummy, decode=True,
-                          max_decode_length=max_decode_length, method=Transformer.decode,
-                          mutable=['cache'])[1])
+                          max_decode_length=max_decode_length, with_prompt=with_prompt,
+                          method=Transformer.decode, mutable=['cache'])[1])
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), variables['cache'])
 
 
 def decode_step(model: Transformer, params: Mapping[str, Any], cache: Any, encoded: Array,
-                valid: Array, tokens: Array, max_decode_length: int) -> tuple[Array, Any]:
-  """Logits [batch, vocab] for the next position given the previous tokens [batch, 1]."""
+                valid: Array, tokens: Array, max_decode_length: int,
+                with_prompt: bool = False) -> tuple[Array, Any]:
+  """Logits [batch, vocab] for the next position given the previous tokens [batch, 1].
+
+  `with_prompt` attaches the decoder's share of the format modules (LoRA adapters)."""
   logits, updated = model.apply({'params': params, 'cache': cache}, encoded, valid, tokens,
                                 decode=True, max_decode_length=max_decode_length,
-                                method=Transformer.decode, mutable=['cache'])
+                                with_prompt=with_prompt, method=Transformer.decode,
+                                mutable=['cache'])
   return logits[:, 0, :].astype(jnp.float32), updated['cache']
 
 
@@ -62,11 +66,12 @@ def greedy_decode_jitted(config: T5Config, params: Mapping[str, Any], encoder_in
   batch = encoder_input_tokens.shape[0]
   encoded, valid = model.apply({'params': params}, encoder_input_tokens, with_prompt=with_prompt,
                                method=Transformer.encode)
-  cache = init_cache(model, params, encoded, valid, batch, max_decode_length)
+  cache = init_cache(model, params, encoded, valid, batch, max_decode_length, with_prompt)
 
   def body(state):
     i, cache, prev, out, done = state
-    logits, cache = decode_step(model, params, cache, encoded, valid, prev, max_decode_length)
+    logits, cache = decode_step(model, params, cache, encoded, valid, prev, max_decode_length,
+                                    with_prompt)
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)             # [batch]
     token = jnp.where(done, PAD_ID, token)
     out = out.at[:, i].set(token)
@@ -126,13 +131,13 @@ def beam_search_jitted(config: T5Config, params: Mapping[str, Any], encoder_inpu
                                method=Transformer.encode)
   encoded = jnp.repeat(encoded, beams, axis=0)                        # row b * beams + k
   valid = jnp.repeat(valid, beams, axis=0)
-  cache = init_cache(model, params, encoded, valid, batch * beams, length)
+  cache = init_cache(model, params, encoded, valid, batch * beams, length, with_prompt)
   max_penalty = length_penalty(length, alpha)
 
   def body(state):
     (i, cache, last, live_seqs, live_lp, fin_seqs, fin_scores, fin_lp, fin_flags) = state
     logits, cache = decode_step(model, params, cache, encoded, valid,
-                                last.reshape(batch * beams, 1), length)
+                                last.reshape(batch * beams, 1), length, with_prompt)
     token_lp = jax.nn.log_softmax(logits).reshape(batch, beams, -1)   # [batch, beams, vocab]
     vocab = token_lp.shape[-1]
     candidates = (live_lp[:, :, None] + token_lp).reshape(batch, beams * vocab)
@@ -226,7 +231,7 @@ def _score_candidates(config: T5Config, params: Mapping[str, Any], encoder_input
   encoded, valid = jnp.repeat(encoded, n_cand, axis=0), jnp.repeat(valid, n_cand, axis=0)
   targets = candidate_target_tokens.reshape(batch * n_cand, target_length).astype(jnp.int32)
   logits = model.apply({'params': params}, encoded, valid, shift_right(targets), targets,
-                       method=Transformer.decode).astype(jnp.float32)
+                       with_prompt=with_prompt, method=Transformer.decode).astype(jnp.float32)
   token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
   return jnp.sum(jnp.where(targets > 0, token_lp, 0.0), axis=-1).reshape(batch, n_cand)
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from promot_jax.model.lora import LORA_RANK_AXIS, LoraSpec, a_init as lora_a_init
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -49,18 +51,33 @@ class RMSNorm(nn.Module):
 
 
 class Dense(nn.Module):
-  """A bias-free dense layer with a 2-D kernel [in, out] (t5x's DenseGeneral storage)."""
+  """A bias-free dense layer with a 2-D kernel [in, out] (t5x's DenseGeneral storage).
+
+  The LoRA seam: given an attached `lora` spec whose targets match this module's path, the
+  layer owns lora_a [in, rank] and lora_b [rank, out] and adds scale * (x A) B (model/lora.py).
+  """
   features: int
   kernel_axes: tuple[str, str]
   kernel_init: Initializer = default_kernel_init
   dtype: Any = jnp.float32
+  lora: Optional[LoraSpec] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = logical_param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                     self.kernel_axes)
     x = jnp.asarray(x, self.dtype)
-    return jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
+    y = jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
+    if self.lora is not None and self.lora.applies('/'.join(self.path)):
+      rank = self.lora.rank
+      a = logical_param(self, 'lora_a', lora_a_init, (x.shape[-1], rank),
+                        (self.kernel_axes[0], LORA_RANK_AXIS))
+      b = logical_param(self, 'lora_b', nn.initializers.zeros, (rank, self.features),
+                        (LORA_RANK_AXIS, self.kernel_axes[1]))
+      low = jnp.einsum('...i,ir->...r', x, jnp.asarray(a, self.dtype))
+      y = y + jnp.einsum('...r,ro->...o', low, jnp.asarray(b, self.dtype)) * jnp.asarray(
+          self.lora.scale, self.dtype)
+    return y
 
 
 class Embed(nn.Module):
@@ -87,18 +104,20 @@ class MlpBlock(nn.Module):
   activations: Sequence[str] = ('gelu', 'linear')
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
+  lora: Optional[LoraSpec] = None
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     emb = x.shape[-1]
     h = None
     for i, act in enumerate(self.activations):
-      y = Dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype, name=f'wi_{i}')(x)
+      y = Dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype, lora=self.lora,
+                name=f'wi_{i}')(x)
       y = y if act == 'linear' else getattr(nn, act)(y)  # nn.gelu is the tanh approximation
       h = y if h is None else h * y
     h = constrain(h, ('batch', 'length', 'mlp'))           # [batch, length, mlp]
     h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
-    return Dense(emb, ('mlp', 'embed'), dtype=self.dtype, name='wo')(h)
+    return Dense(emb, ('mlp', 'embed'), dtype=self.dtype, lora=self.lora, name='wo')(h)
 
 
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
@@ -152,6 +171,7 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   float32_logits: bool = True
+  lora: Optional[LoraSpec] = None   # adapters on the projections its targets name
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
@@ -166,7 +186,8 @@ class MultiHeadAttention(nn.Module):
       return default_kernel_init(*args) / depth_scaling
 
     def project(name, x, init=default_kernel_init):
-      y = Dense(inner, ('embed', 'joined_kv'), kernel_init=init, dtype=self.dtype, name=name)(x)
+      y = Dense(inner, ('embed', 'joined_kv'), kernel_init=init, dtype=self.dtype,
+                lora=self.lora, name=name)(x)
       return y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))  # [batch, len, heads, kv]
 
     query = project('query', inputs_q, query_init)
@@ -190,7 +211,8 @@ class MultiHeadAttention(nn.Module):
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, value.astype(self.dtype))  # [batch, q, heads, kv]
     out = out.reshape(out.shape[:2] + (inner,))
-    return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), dtype=self.dtype, name='out')(out)
+    return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), dtype=self.dtype, lora=self.lora,
+                 name='out')(out)
 
   def _update_cache(self, key, value, mask, bias):
     """Write this step's key/value at the cache index; attend to positions <= index."""

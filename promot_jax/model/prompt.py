@@ -34,31 +34,75 @@ def uniform_init(scale: float = 0.5) -> Callable[..., Array]:
 
 
 class SoftPrompt(nn.Module):
-  """Owns the prompt parameter and prepends it to embedded inputs, extending the mask."""
+  """Owns the prompt parameter(s) and prepends one to embedded inputs, extending the mask.
+
+  With `tasks` there is one prompt per task (prompt/<task>); each row gets the prompt its
+  `prompt_ids` entry names (the index into `tasks`), so one batch may mix tasks.
+  """
   length: int
   dtype: Any = jnp.float32
   init_scale: float = 0.5
+  tasks: tuple[str, ...] = ()
 
   @nn.compact
-  def __call__(self, embedded: Array, valid: Array) -> tuple[Array, Array]:
-    # embedded [batch, length, embed]; valid [batch, length] (bool)
+  def __call__(self, embedded: Array, valid: Array,
+               prompt_ids: Optional[Array] = None) -> tuple[Array, Array]:
+    # embedded [batch, length, embed]; valid [batch, length] (bool); prompt_ids [batch]
     batch, _, emb = embedded.shape
-    prompt = logical_param(self, 'prompt', uniform_init(self.init_scale), (self.length, emb), PROMPT_AXES)
-    prompt = jnp.broadcast_to(jnp.asarray(prompt, embedded.dtype)[None], (batch, self.length, emb))
+    shape, init = (self.length, emb), uniform_init(self.init_scale)
+    if not self.tasks:
+      prompt = logical_param(self, 'prompt', init, shape, PROMPT_AXES)
+      prompt = jnp.broadcast_to(jnp.asarray(prompt, embedded.dtype)[None], (batch,) + shape)
+    else:
+      if prompt_ids is None:
+        raise ValueError(f'The model has one prompt per task {list(self.tasks)}: pass '
+                         'prompt_ids [batch] (the index of each row\'s task), or select one '
+                         'task\'s prompt with promot_jax.model.prompt.select_task_prompt.')
+      table = jnp.stack([logical_param(self, task, init, shape, PROMPT_AXES)
+                         for task in self.tasks])             # [tasks, prompt, embed]
+      prompt = jnp.take(jnp.asarray(table, embedded.dtype), prompt_ids, axis=0)
     x = jnp.concatenate([prompt, embedded], axis=1)            # [batch, prompt + length, embed]
     mask = jnp.concatenate([jnp.ones((batch, self.length), jnp.bool_), valid], axis=1)
     return x, mask
 
 
 def has_prompt(params: Mapping[str, Any]) -> bool:
-  return 'prompt' in params and 'prompt' in params['prompt']
+  """Whether `params` hold a prompt (the single prompt/prompt or any task's prompt/<task>)."""
+  return isinstance(params.get('prompt'), Mapping) and bool(params['prompt'])
 
 
-def get_prompt(params: Mapping[str, Any]) -> np.ndarray:
+def prompt_names(params: Mapping[str, Any]) -> list[str]:
+  """The names under prompt/: ['prompt'] for a single prompt, the task names for per-task ones."""
+  return sorted(params['prompt']) if has_prompt(params) else []
+
+
+def get_prompt(params: Mapping[str, Any], task: Optional[str] = None) -> np.ndarray:
+  """The single prompt, or with `task` that task's prompt ([prompt_length, emb_dim])."""
   if not has_prompt(params):
     raise ValueError('These parameters hold no soft prompt (no prompt/prompt). Train one with the '
                      'prompt_tuning stage or import one with promot_jax.model.prompt.load_prompt_npy.')
-  return np.asarray(params['prompt']['prompt'])
+  name = task or 'prompt'
+  if name not in params['prompt']:
+    raise ValueError(f'These parameters hold no prompt {name!r}; their prompts are '
+                     f'{prompt_names(params)}' + ('' if task else ' (one per task: name the task)')
+                     + '.')
+  return np.asarray(params['prompt'][name])
+
+
+def select_task_prompt(cfg, params: Mapping[str, Any], task: str) -> tuple[Any, dict[str, Any]]:
+  """(config, params) of the single-prompt model that attaches `task`'s own prompt.
+
+  A model with one prompt per task decodes one task at a time with that task's prompt: the
+  result is an ordinary single-prompt model (prompt/prompt = prompt/<task>), so decoding,
+  scoring and export need no routing. A config without `prompt_tasks` is returned as it is.
+  """
+  if not cfg.prompt_tasks:
+    return cfg, dict(params)
+  if task not in cfg.prompt_tasks:
+    raise ValueError(f'No prompt for task {task!r}: the model has prompts for '
+                     f'{list(cfg.prompt_tasks)}.')
+  out = with_prompt_value(params, params['prompt'][task]) if has_prompt(params) else dict(params)
+  return cfg.replace(prompt_tasks=()), out
 
 
 def with_prompt_value(params: Mapping[str, Any], prompt: Array) -> dict[str, Any]:
@@ -72,11 +116,17 @@ def without_prompt(params: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in params.items() if k != 'prompt'}
 
 
-def npy_bytes(params: Mapping[str, Any]) -> bytes:
-  """The prompt as the bytes of a float32 [prompt_length, emb_dim] .npy file."""
+def npy_bytes(params: Mapping[str, Any], task: Optional[str] = None) -> bytes:
+  """The prompt (or `task`'s) as the bytes of a float32 [prompt_length, emb_dim] .npy file."""
   buffer = io.BytesIO()
-  np.save(buffer, get_prompt(params).astype(np.float32))
+  np.save(buffer, get_prompt(params, task).astype(np.float32))
   return buffer.getvalue()
+
+
+def npy_files(params: Mapping[str, Any]) -> dict[str, bytes]:
+  """{file name: .npy bytes} of every prompt: prompt.npy, or prompt_<task>.npy per task."""
+  return {('prompt.npy' if name == 'prompt' else f'prompt_{name}.npy'):
+          npy_bytes(params, None if name == 'prompt' else name) for name in prompt_names(params)}
 
 
 def save_prompt_npy(params: Mapping[str, Any], path: str | os.PathLike) -> str:
@@ -103,12 +153,26 @@ def load_prompt_npy(path: str | os.PathLike, prompt_length: int, emb_dim: int) -
 def initialize_prompt(params: Mapping[str, Any], prompt_length: int, method: str = 'uniform', *,
                       rng: Optional[Array] = None, scale: float = 0.5, vocab_top_k: int = 5000,
                       class_label_ids: Optional[Sequence[Sequence[int]]] = None,
-                      path: Optional[str] = None) -> dict[str, Any]:
+                      path: Optional[str] = None,
+                      tasks: Sequence[str] = ()) -> dict[str, Any]:
   """Return `params` with a freshly initialised prompt (other parameters untouched).
 
   `class_label_ids` are the token ids of each class label (e.g. the sentencepiece pieces of
   'True' and 'False'); each label's prompt row is the mean of its sub-token embeddings.
+  With `tasks`, each named task's prompt/<task> is initialised (each from its own key) and
+  the prompts already present are kept.
   """
+  if tasks:
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    out = dict(params)
+    prompts = dict(params.get('prompt') or {})
+    for i, task in enumerate(tasks):
+      if task not in prompts:
+        prompts[task] = initialize_prompt(
+            params, prompt_length, method, rng=jax.random.fold_in(rng, i), scale=scale,
+            vocab_top_k=vocab_top_k, class_label_ids=class_label_ids, path=path)['prompt']['prompt']
+    out['prompt'] = prompts
+    return out
   table = np.asarray(params['token_embedder']['embedding'])           # [vocab, embed]
   vocab, emb = table.shape
   rng = jax.random.PRNGKey(0) if rng is None else rng

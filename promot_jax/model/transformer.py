@@ -1,6 +1,6 @@
-"""The T5 v1.1 / mT5 encoder-decoder with an optional soft prompt.
+"""The T5 v1.1 / mT5 encoder-decoder with its removable format modules (soft prompt, LoRA).
 
-Parameter tree (identical to t5x's mT5 tree, plus `prompt/prompt` when prompt_length > 0):
+Parameter tree (identical to t5x's mT5 tree, plus the format modules' parameters):
   token_embedder/embedding                                 [vocab, embed]
   encoder/relpos_bias/rel_embedding                        [heads, buckets]
   encoder/layers_N/pre_attention_layer_norm/scale          [embed]
@@ -11,15 +11,19 @@ Parameter tree (identical to t5x's mT5 tree, plus `prompt/prompt` when prompt_le
   decoder/... (self_attention, encoder_decoder_attention, pre_cross_attention_layer_norm ...)
   decoder/decoder_norm/scale, decoder/logits_dense/kernel  [embed, vocab]
   prompt/prompt                                            [prompt_length, embed]
+  (or prompt/<task> for each of T5Config.prompt_tasks)
+  <targeted module>/lora_a [in, rank], lora_b [rank, out]  (T5Config.lora_rank > 0)
 
 With `T5Config.scan_layers` each stack runs its layers under nn.scan and the step sees
 them stacked: encoder/layers/<same names> with a leading [num_layers] axis (logical axis
 'layers'). Users and checkpoints keep the t5x tree above; stacking.stack_layers /
 unstack_layers convert, and `compute_logits` accepts either form.
 
-The prompt plugs in at one seam: `encode` embeds the tokens, and when `with_prompt=True`
-the SoftPrompt module prepends its vectors and extends the mask before the encoder stack
-runs. The same parameters therefore serve with or without the prompt.
+Each format module kind has one seam, and `with_prompt=True` attaches them all: `encode`
+embeds the tokens and the SoftPrompt module prepends its vectors and extends the mask before
+the encoder stack runs; `layers.Dense` adds a targeted kernel's LoRA term. With
+`with_prompt=False` the network is exactly the pretrained one, so the same parameters serve
+with or without the modules (model/formats.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 
 from promot_jax.model import layers
 from promot_jax.model.config import T5Config
+from promot_jax.model.lora import LoraSpec, spec_of as lora_spec_of
 from promot_jax.model.prompt import SoftPrompt
 from promot_jax.model.stacking import stack_layers, unstack_layers
 
@@ -66,6 +71,7 @@ class EncoderLayer(nn.Module):
   config: T5Config
   deterministic: bool = True
   scanned: bool = False   # return (x, None), the carry/output pair nn.scan expects
+  lora: Optional[LoraSpec] = None   # attached LoRA adapters (None: the plain network)
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, bias: Array) -> Array:
@@ -74,12 +80,12 @@ class EncoderLayer(nn.Module):
         y, deterministic=self.deterministic)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name='pre_attention_layer_norm')(x)
     y = layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dt,
-                                  cfg.float32_attention_logits, name='attention')(
+                                  cfg.float32_attention_logits, self.lora, name='attention')(
                                       y, y, mask, bias, deterministic=self.deterministic)
     x = x + drop(y)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name='pre_mlp_layer_norm')(x)
-    y = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dt, name='mlp')(
-        y, self.deterministic)
+    y = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dt, self.lora,
+                        name='mlp')(y, self.deterministic)
     x = x + drop(y)
     x = layers.constrain(x, ('batch', 'length', 'embed'))
     return (x, None) if self.scanned else x
@@ -90,6 +96,7 @@ class DecoderLayer(nn.Module):
   deterministic: bool = True
   decode: bool = False
   scanned: bool = False
+  lora: Optional[LoraSpec] = None
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_mask: Optional[Array],
@@ -98,7 +105,8 @@ class DecoderLayer(nn.Module):
     drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(  # noqa: E731
         y, deterministic=self.deterministic)
     attn = lambda name: layers.MultiHeadAttention(  # noqa: E731
-        cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dt, cfg.float32_attention_logits, name=name)
+        cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dt, cfg.float32_attention_logits,
+        self.lora, name=name)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name='pre_self_attention_layer_norm')(x)
     y = attn('self_attention')(y, y, self_mask, bias, deterministic=self.deterministic,
                                decode=self.decode)
@@ -108,8 +116,8 @@ class DecoderLayer(nn.Module):
                                           deterministic=self.deterministic)
     x = x + drop(y)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name='pre_mlp_layer_norm')(x)
-    y = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dt, name='mlp')(
-        y, self.deterministic)
+    y = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dt, self.lora,
+                        name='mlp')(y, self.deterministic)
     x = x + drop(y)
     x = layers.constrain(x, ('batch', 'length', 'embed'))
     return (x, None) if self.scanned else x
@@ -120,7 +128,8 @@ class Encoder(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, valid: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, valid: Array, deterministic: bool,
+               lora: Optional[LoraSpec] = None) -> Array:
     # x [batch, length, embed]; valid [batch, length]
     cfg, dt = self.config, _dtype(self.config)
     length = x.shape[1]
@@ -132,10 +141,10 @@ class Encoder(nn.Module):
     layer_cls = _maybe_remat(EncoderLayer, cfg)
     if cfg.scan_layers:
       x, _ = _scan_stack(layer_cls, cfg.num_encoder_layers, 2)(
-          cfg, deterministic, scanned=True, name='layers')(x, mask, bias)
+          cfg, deterministic, scanned=True, lora=lora, name='layers')(x, mask, bias)
     else:
       for i in range(cfg.num_encoder_layers):
-        x = layer_cls(cfg, deterministic, name=f'layers_{i}')(x, mask, bias)
+        x = layer_cls(cfg, deterministic, lora=lora, name=f'layers_{i}')(x, mask, bias)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name='encoder_norm')(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
@@ -146,7 +155,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, y: Array, encoded: Array, self_mask: Optional[Array], cross_mask: Array,
                deterministic: bool, decode: bool, max_decode_length: Optional[int],
-               embedder: layers.Embed) -> Array:
+               embedder: layers.Embed, lora: Optional[LoraSpec] = None) -> Array:
     # y [batch, target_length, embed] (embedded decoder inputs); returns logits [batch, T, vocab]
     cfg, dt = self.config, _dtype(self.config)
     length = max_decode_length if decode else y.shape[1]
@@ -157,23 +166,29 @@ class Decoder(nn.Module):
     layer_cls = _maybe_remat(DecoderLayer, cfg)
     if cfg.scan_layers:
       y, _ = _scan_stack(layer_cls, cfg.num_decoder_layers, 4)(
-          cfg, deterministic, decode, scanned=True, name='layers')(
+          cfg, deterministic, decode, scanned=True, lora=lora, name='layers')(
               y, encoded, self_mask, cross_mask, bias)
     else:
       for i in range(cfg.num_decoder_layers):
-        y = layer_cls(cfg, deterministic, decode, name=f'layers_{i}')(
+        y = layer_cls(cfg, deterministic, decode, lora=lora, name=f'layers_{i}')(
             y, encoded, self_mask, cross_mask, bias)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name='decoder_norm')(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
       logits = embedder.attend(y) / jnp.sqrt(y.shape[-1]).astype(dt)
     else:
-      logits = layers.Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=dt, name='logits_dense')(y)
+      logits = layers.Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=dt, lora=lora,
+                            name='logits_dense')(y)
     return layers.constrain(logits, ('batch', 'length', 'vocab'))
 
 
 class Transformer(nn.Module):
-  """mT5 / T5 v1.1 encoder-decoder; `with_prompt` attaches the soft prompt (if configured)."""
+  """mT5 / T5 v1.1 encoder-decoder with its removable format modules (model/formats.py).
+
+  `with_prompt=True` attaches every format module the config has: the soft prompt (its seam:
+  `encode` prepends it) and LoRA adapters (their seam: `layers.Dense`). False runs the plain
+  pretrained network; module parameters in the tree are then not read.
+  """
   config: T5Config
 
   def setup(self):
@@ -182,28 +197,39 @@ class Transformer(nn.Module):
     self.encoder = Encoder(cfg)
     self.decoder = Decoder(cfg)
     if cfg.prompt_length > 0:
-      self.prompt = SoftPrompt(cfg.prompt_length, _dtype(cfg))
+      self.prompt = SoftPrompt(cfg.prompt_length, _dtype(cfg), tasks=tuple(cfg.prompt_tasks))
 
-  def _check_prompt(self, with_prompt: bool) -> None:
-    if with_prompt and self.config.prompt_length <= 0:
-      raise ValueError('with_prompt=True but the model config has prompt_length=0; set '
-                       'PROMPT_LENGTH (T5Config.prompt_length) to the prompt length.')
+  def _lora(self, with_prompt: bool) -> Optional[LoraSpec]:
+    if with_prompt and not self.config.has_format_module:
+      raise ValueError('with_prompt=True but the model config has no format module '
+                       '(prompt_length=0 and lora_rank=0); set PROMPT_LENGTH (T5Config.'
+                       'prompt_length) to the prompt length, or LORA_RANK for LoRA adapters.')
+    return lora_spec_of(self.config) if with_prompt else None
 
   def encode(self, encoder_input_tokens: Array, *, with_prompt: bool = False,
-             enable_dropout: bool = False) -> tuple[Array, Array]:
-    """Returns (encoded [batch, P+T, embed], valid [batch, P+T]); P = 0 without the prompt."""
-    self._check_prompt(with_prompt)
+             enable_dropout: bool = False, prompt_ids: Optional[Array] = None
+             ) -> tuple[Array, Array]:
+    """Returns (encoded [batch, P+T, embed], valid [batch, P+T]); P = 0 without the prompt.
+
+    `prompt_ids` [batch] picks each row's prompt when the config has one per task.
+    """
+    lora = self._lora(with_prompt)
     x = self.token_embedder(encoder_input_tokens)                    # [batch, T, embed]
     valid = encoder_input_tokens > 0
-    if with_prompt:
-      x, valid = self.prompt(x, valid)                               # [batch, P+T, embed]
+    if with_prompt and self.config.prompt_length > 0:
+      x, valid = self.prompt(x, valid, prompt_ids)                   # [batch, P+T, embed]
     x = layers.constrain(x, ('batch', 'length', 'embed'))
-    return self.encoder(x, valid, not enable_dropout), valid
+    return self.encoder(x, valid, not enable_dropout, lora), valid
 
   def decode(self, encoded: Array, encoder_valid: Array, decoder_input_tokens: Array,
              decoder_target_tokens: Optional[Array] = None, *, enable_dropout: bool = False,
-             decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
-    """Decoder logits [batch, target_length, vocab] given the encoder output."""
+             decode: bool = False, max_decode_length: Optional[int] = None,
+             with_prompt: bool = False) -> Array:
+    """Decoder logits [batch, target_length, vocab] given the encoder output.
+
+    `with_prompt` attaches the decoder's LoRA adapters (the prompt itself lives in `encode`).
+    """
+    lora = self._lora(with_prompt)
     if decode:
       # One position per call; causality comes from the cache index.
       self_mask = None
@@ -221,16 +247,16 @@ class Transformer(nn.Module):
       cross_mask = layers.make_attention_mask(target_valid, encoder_valid)
     y = self.token_embedder(decoder_input_tokens)
     return self.decoder(y, encoded, self_mask, cross_mask, not enable_dropout, decode,
-                        max_decode_length, self.token_embedder)
+                        max_decode_length, self.token_embedder, lora)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Optional[Array] = None, *, with_prompt: bool = False,
-               enable_dropout: bool = False) -> Array:
+               enable_dropout: bool = False, prompt_ids: Optional[Array] = None) -> Array:
     """Teacher-forced logits [batch, target_length, vocab] (float32 unless dtype says so)."""
     encoded, valid = self.encode(encoder_input_tokens, with_prompt=with_prompt,
-                                 enable_dropout=enable_dropout)
+                                 enable_dropout=enable_dropout, prompt_ids=prompt_ids)
     return self.decode(encoded, valid, decoder_input_tokens, decoder_target_tokens,
-                       enable_dropout=enable_dropout)
+                       enable_dropout=enable_dropout, with_prompt=with_prompt)
 
 
 def _dummy_inputs(cfg: T5Config, batch: int = 1, length: int = 8):
@@ -244,7 +270,8 @@ def init_boxed(cfg: T5Config, rng: Array, stacked: bool = False) -> Any:
   """
   enc, dec = _dummy_inputs(cfg)
   net = Transformer(cfg.replace(scan_layers=stacked))
-  return net.init(rng, enc, dec, with_prompt=cfg.prompt_length > 0)['params']
+  ids = jnp.zeros((enc.shape[0],), jnp.int32) if cfg.prompt_tasks else None
+  return net.init(rng, enc, dec, with_prompt=cfg.has_format_module, prompt_ids=ids)['params']
 
 
 def init_params(cfg: T5Config, rng: Optional[Array] = None,
@@ -271,12 +298,13 @@ def logical_axes(cfg: T5Config, stacked: bool = False) -> dict[str, Any]:
 @functools.partial(jax.jit, static_argnames=('config', 'with_prompt'))
 def compute_logits(config: T5Config, params: Any, encoder_input_tokens: Array,
                    decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
-                   with_prompt: bool = False) -> Array:
+                   with_prompt: bool = False, prompt_ids: Optional[Array] = None) -> Array:
   """Teacher-forced logits [batch, target_length, vocab] for int32 token arrays (0 = padding)."""
-  if with_prompt and 'prompt' not in params:
+  if with_prompt and config.prompt_length > 0 and 'prompt' not in params:
     raise ValueError('with_prompt=True but the parameters hold no prompt/prompt; initialise one '
                      '(promot_jax.initialize_prompt) or load a checkpoint that has it.')
   # Either tree form is accepted; convert to the one this config's network reads.
   params = stack_layers(params, config) if config.scan_layers else unstack_layers(params, config)
   return Transformer(config).apply({'params': params}, encoder_input_tokens, decoder_input_tokens,
-                                   decoder_target_tokens, with_prompt=with_prompt)
+                                   decoder_target_tokens, with_prompt=with_prompt,
+                                   prompt_ids=prompt_ids)

@@ -1,6 +1,6 @@
 """`promot demo`: format specialization and ProMoT, reproduced offline on a tiny T5.
 
-  promot demo [--out_dir out/demo] [--pretrain] [--quick]
+  promot demo [--out_dir out/demo] [--pretrain] [--quick] [--methods lora,multitask]
 
 Every part is an ordinary gin run or eval file, so the demo doubles as documentation of how
 a real run is composed:
@@ -10,6 +10,8 @@ a real run is composed:
   b) finetune     runs/demo/finetune.gin   standard fine-tuning on 'Is it sorted?' (True/False)
      promot       runs/demo/promot.gin     stage 1 prompt tuning (also the prompt-tuning
                                            baseline), stage 2 model tuning with the prompt
+     --methods    runs/demo/lora_promot.gin       optional: LoRA-ProMoT (rank-4 adapters)
+                  runs/demo/multitask_promot.gin  optional: multi-task ProMoT on two tasks
   c) eval         eval/demo.gin            the classification task (with the prompt where one
                   exists) and every in-context task at 1 and 4 shots without a prompt
   d) report       OUT/report.md, report.png, results.json (promot report)
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from typing import Optional, Sequence
@@ -47,13 +50,29 @@ QUICK = {'runs/demo/pretrain.gin': ['PRETRAIN_STEPS=40', 'EVAL_BATCHES=1'],
                                   'MODEL_TUNING_STEPS=20', 'MODEL_CHECKPOINT_PERIOD=10',
                                   'EVAL_BATCHES=1', 'FORMAT_PROBE_EXAMPLES=8'],
          EVAL_GIN: ['MAX_EVAL_EXAMPLES=16', 'EVAL_BATCH_SIZE=16']}
+QUICK['runs/demo/lora_promot.gin'] = QUICK['runs/demo/promot.gin'] + [
+    'LORA_TUNING_STEPS=20', 'LORA_CHECKPOINT_PERIOD=10']
+QUICK['runs/demo/multitask_promot.gin'] = QUICK['runs/demo/promot.gin']
+
+# --methods: (part, run file, column, fine-tuned task evaluated with its module or None: the
+# classification task of eval/demo.gin)
+EXTRA_METHODS = {
+    'lora': ('lora_promot', 'runs/demo/lora_promot.gin', 'LoRA-ProMoT (r=4)', None),
+    'multitask': ('multitask_promot', 'runs/demo/multitask_promot.gin', 'Multi-task ProMoT',
+                  'synth_classify'),
+}
 
 
 class Demo:
   """The demo's parts, run in order under one output directory."""
 
   def __init__(self, out_dir: str, quick: bool = False, extra_flags: Sequence[str] = (),
-               log=print):
+               log=print, methods: Sequence[str] = ()):
+    unknown = sorted(set(methods) - set(EXTRA_METHODS))
+    if unknown:
+      raise ValueError(f'Unknown demo methods {unknown}; choose from {sorted(EXTRA_METHODS)} '
+                       '(fine-tuning, prompt tuning and ProMoT always run).')
+    self.methods = list(methods)
     self.out_dir = os.path.abspath(out_dir)
     self.quick = quick
     self.extra_flags = list(extra_flags)
@@ -87,14 +106,17 @@ class Demo:
     model_dir = self.train('pretrain', 'runs/demo/pretrain.gin', None)
     return resolve.resolve_checkpoint(os.path.join(model_dir, 'pretrain'))
 
-  def evaluate(self, checkpoints: dict[str, tuple[str, bool]]) -> list[str]:
-    """Part c): {method: (checkpoint, with_prompt)} -> results.json paths (reused if complete)."""
+  def evaluate(self, checkpoints: dict[str, tuple]) -> list[str]:
+    """Part c): {method: (checkpoint, with_prompt[, fine-tuned task])} -> results.json paths
+    (reused if complete)."""
     paths = []
     t0 = time.perf_counter()
-    for method, (path, with_prompt) in checkpoints.items():
-      out_dir = os.path.join(self.out_dir, 'eval', method.lower().replace(' ', '_'))
+    for method, (path, with_prompt, *task) in checkpoints.items():
+      out_dir = os.path.join(self.out_dir, 'eval', re.sub(r'[^a-z0-9]+', '_', method.lower()))
       ecfg = loaders.load_eval_config([EVAL_GIN], self._bindings(EVAL_GIN, None, None))
       ecfg = dataclasses.replace(ecfg, out_dir=out_dir, finetuned_with_prompt=with_prompt)
+      if task and task[0]:
+        ecfg = dataclasses.replace(ecfg, finetuned_task=task[0])
       name = resolve.checkpoint_name(resolve.resolve_checkpoint(path))
       results_file = os.path.join(out_dir, name, 'results.json')
       if _complete(results_file, len(suite.plan_tasks(ecfg))):
@@ -121,11 +143,16 @@ class Demo:
                                 'promot demo --pretrain to make one.')
     finetune_dir = self.train('finetune', 'runs/demo/finetune.gin', pretrained)
     promot_dir = self.train('promot', 'runs/demo/promot.gin', pretrained)
-    results = self.evaluate({
+    checkpoints = {
         'Pretrained': (pretrained, False),
         'Fine-tuning': (os.path.join(finetune_dir, 'finetune'), False),
         'Prompt tuning': (os.path.join(promot_dir, 'prompt_tuning'), True),
-        'ProMoT': (os.path.join(promot_dir, 'model_tuning'), True)})
+        'ProMoT': (os.path.join(promot_dir, 'model_tuning'), True)}
+    for key in self.methods:
+      part, gin_file, column, task = EXTRA_METHODS[key]
+      model_dir = self.train(part, gin_file, pretrained)
+      checkpoints[column] = (os.path.join(model_dir, 'model_tuning'), True, task)
+    results = self.evaluate(checkpoints)
     self._say('report: promot report ' + ' '.join(results))
     built = report.write_report(results, self.out_dir)
     self.timings['total'] = round(time.perf_counter() - self.start, 1)
@@ -194,7 +221,9 @@ def _complete(results_file: str, num_tasks: int) -> bool:
 
 
 def command(args) -> int:
-  demo = Demo(args.out_dir, quick=args.quick, extra_flags=getattr(args, 'gin_flags', []))
+  methods = [m for m in (getattr(args, 'methods', None) or '').split(',') if m]
+  demo = Demo(args.out_dir, quick=args.quick, extra_flags=getattr(args, 'gin_flags', []),
+              methods=methods)
   built = demo.run(pretrain=args.pretrain, pretrained=args.pretrained)
   if args.ship:
     accuracy = ship_pretrained(os.path.join(demo.out_dir, 'pretrain', 'pretrain'))

@@ -33,7 +33,7 @@ from promot_jax import mesh as partitioning, tree_util
 from promot_jax.checkpoints import orbax_io, resolve
 from promot_jax.data import pipeline as data
 from promot_jax.ginconf import loaders
-from promot_jax.model import losses
+from promot_jax.model import formats, losses
 from promot_jax.model.config import T5Config
 from promot_jax.model.transformer import Transformer
 from promot_jax.train.stages import merge_params
@@ -159,7 +159,7 @@ def diagnose_checkpoint(path: str, batches: Sequence[Batch], permutations: Seque
   resolved = resolve.resolve_checkpoint(path)
   config, params = resolve.load_checkpoint(resolved, mesh, rules)
   decoder_layer_index(config, layer)  # fail before any compilation
-  has_prompt = 'prompt' in params
+  has_prompt = bool(formats.module_paths(params))      # the prompt or LoRA adapters
   if with_prompt == 'yes' and not has_prompt:
     raise ValueError(f'{resolved} holds no prompt; use --with_prompt auto or no.')
   attach = has_prompt if with_prompt == 'auto' else with_prompt == 'yes'

@@ -1,4 +1,4 @@
-"""`promot export`: a promot_jax checkpoint -> a Hugging Face MT5 directory (+ a PEFT prompt).
+"""`promot export`: a promot_jax checkpoint -> a Hugging Face MT5 directory (+ PEFT adapters).
 
   promot export --to hf --checkpoint MODEL_DIR/model_tuning --out DIR [--adapter_out DIR]
 
@@ -36,6 +36,7 @@ import numpy as np
 from promot_jax import tree_util
 from promot_jax.checkpoints import hf, loading, orbax_io, resolve
 from promot_jax.checkpoints.manager import StageCheckpoints
+from promot_jax.model import formats, lora, prompt as prompt_lib
 from promot_jax.model.config import T5Config, config_to_hf
 
 ADAPTER_CONFIG = 'adapter_config.json'
@@ -43,14 +44,14 @@ ADAPTER_WEIGHTS = 'adapter_model.safetensors'
 PEFT_PROMPT_KEY = 'prompt_embeddings'   # the key PEFT's prompt encoders save and load
 GENERATION_CONFIG = 'generation_config.json'
 DEFAULT_ADAPTER_SUBDIR = 'prompt_adapter'
+DEFAULT_LORA_SUBDIR = 'lora_adapter'
+PEFT_PREFIX = 'base_model.model.'        # PEFT's key prefix for the wrapped model's modules
 
 
 def load_for_export(checkpoint: str) -> tuple[T5Config, dict[str, Any]]:
   """(config as trained, float32 numpy params) of a checkpoint or MODEL_DIR/<stage> dir."""
   resolved = resolve.resolve_checkpoint(checkpoint)
-  if orbax_io.is_orbax_checkpoint(resolved):
-    return orbax_io.read_config(resolved), orbax_io.restore_params(resolved, as_numpy=True)
-  return loading.load_pretrained(resolved)
+  return loading.load_pretrained(resolved)   # a stage-1 checkpoint is rebuilt on its base
 
 
 def _prepare_dir(path: str, overwrite: bool, what: str) -> str:
@@ -115,21 +116,73 @@ def write_peft_prompt(prompt: np.ndarray, config: T5Config, adapter_out: str,
   return adapter_out
 
 
+def peft_lora_config(config: T5Config, modules: list[str], base_model: str) -> dict[str, Any]:
+  """PEFT's LoraConfig fields for our adapters (the exact HF module names they sit on)."""
+  return {
+      'peft_type': 'LORA',
+      'task_type': 'SEQ_2_SEQ_LM',
+      'r': config.lora_rank,
+      'lora_alpha': config.lora_alpha,
+      'lora_dropout': 0.0,
+      'target_modules': sorted(modules),
+      'bias': 'none',
+      'fan_in_fan_out': False,
+      'use_rslora': False,
+      'base_model_name_or_path': base_model,
+      'inference_mode': True,
+  }
+
+
+def write_peft_lora(params: Mapping[str, Any], config: T5Config, adapter_out: str,
+                    base_model: str) -> list[str]:
+  """Write the LoRA adapters as a PEFT LoRA adapter directory; returns the HF module names."""
+  flat = tree_util.flatten(params)
+  hf_names = {ours: name[:-len('.weight')] for name, ours, _ in hf.name_map(config.base())}
+  tensors, modules = {}, []
+  for path in sorted(p for p in flat if p.endswith('/lora_a')):
+    module = path[:-len('/lora_a')]
+    name = hf_names.get(f'{module}/kernel')
+    if name is None:
+      raise ValueError(f'The adapter on {module} has no Hugging Face module to sit on.')
+    modules.append(name)
+    tensors[f'{PEFT_PREFIX}{name}.lora_A.weight'] = np.asarray(flat[path], np.float32).T
+    tensors[f'{PEFT_PREFIX}{name}.lora_B.weight'] = np.asarray(flat[f'{module}/lora_b'],
+                                                               np.float32).T
+  _save_safetensors(tensors, os.path.join(adapter_out, ADAPTER_WEIGHTS))
+  with open(os.path.join(adapter_out, ADAPTER_CONFIG), 'w') as f:
+    json.dump(peft_lora_config(config, modules, base_model), f, indent=2)
+  return modules
+
+
 def export_hf(checkpoint: str, out: str, *, adapter_out: Optional[str] = None,
               with_adapter: bool = True, overwrite: bool = False) -> dict[str, Any]:
-  """Export a checkpoint; returns what was written ({'model': dir, 'adapter': dir or None})."""
+  """Export a checkpoint; returns what was written ({'model': dir, 'adapter': dir or None,
+  'lora_adapter': dir or None, ...}). `adapter_out` names the prompt's adapter directory (or,
+  for a LoRA-only checkpoint, the LoRA one)."""
   config, params = load_for_export(checkpoint)
-  flat = tree_util.flatten(params)
-  prompt = flat.get('prompt/prompt')
+  modules, base = formats.split_modules(params)
   out = _prepare_dir(out, overwrite, '--out')
-  write_hf_model(params, config, out)
-  written = {'model': out, 'adapter': None, 'prompt_length': 0,
-             'num_params': tree_util.count_params(params) - (0 if prompt is None else prompt.size)}
-  if prompt is not None and with_adapter:
-    adapter_out = adapter_out or os.path.join(out, DEFAULT_ADAPTER_SUBDIR)
-    adapter_out = _prepare_dir(adapter_out, overwrite, '--adapter_out')
-    write_peft_prompt(prompt, config, adapter_out, out)
-    written.update(adapter=adapter_out, prompt_length=int(prompt.shape[0]))
+  write_hf_model(base, config.base(), out)
+  written = {'model': out, 'adapter': None, 'prompt_length': 0, 'lora_adapter': None,
+             'lora_modules': 0, 'num_params': tree_util.count_params(base)}
+  if not with_adapter:
+    return written
+  names = prompt_lib.prompt_names(params)
+  if names:
+    prompt_out = _prepare_dir(adapter_out or os.path.join(out, DEFAULT_ADAPTER_SUBDIR),
+                              overwrite, '--adapter_out')
+    for name in names:
+      target = prompt_out if name == 'prompt' else os.path.join(prompt_out, name)
+      os.makedirs(target, exist_ok=True)
+      write_peft_prompt(prompt_lib.get_prompt(params, None if name == 'prompt' else name),
+                        config, target, out)
+    written.update(adapter=prompt_out, prompt_length=config.prompt_length,
+                   prompt_tasks=[n for n in names if n != 'prompt'])
+  if lora.has_lora(params):
+    lora_out = adapter_out if adapter_out and not names else os.path.join(out, DEFAULT_LORA_SUBDIR)
+    lora_out = _prepare_dir(lora_out, overwrite, '--adapter_out')
+    written.update(lora_adapter=lora_out,
+                   lora_modules=len(write_peft_lora(params, config, lora_out, out)))
   return written
 
 
@@ -141,7 +194,12 @@ def command(args) -> int:
   print(f'wrote {written["model"]}: MT5ForConditionalGeneration, '
         f'{written["num_params"] / 1e6:.2f}M parameters (config.json, {hf.SAFE_WEIGHTS})')
   if written['adapter']:
-    print(f'wrote {written["adapter"]}: PEFT prompt-tuning adapter, '
-          f'{written["prompt_length"]} virtual tokens. Load with '
+    tasks = written.get('prompt_tasks')
+    print(f'wrote {written["adapter"]}: PEFT prompt-tuning adapter'
+          + (f's, one per task in its sub-directory ({", ".join(tasks)})' if tasks else '')
+          + f', {written["prompt_length"]} virtual tokens. Load with '
           f'PeftModel.from_pretrained(base, "{written["adapter"]}") and pass attention_mask.')
+  if written['lora_adapter']:
+    print(f'wrote {written["lora_adapter"]}: PEFT LoRA adapter on {written["lora_modules"]} '
+          f'modules. Load with PeftModel.from_pretrained(base, "{written["lora_adapter"]}").')
   return 0

@@ -42,15 +42,16 @@ from jax._src import xla_bridge
 from promot_jax import mesh as partitioning, tree_util
 from promot_jax.checkpoints import loading
 from promot_jax.ginconf import loaders
-from promot_jax.model import decoding, transformer as model
+from promot_jax.model import decoding, formats, transformer as model
 from promot_jax.tools.plan_hardware import (CHIPS, GIB, Chip, Topology,  # noqa: F401 (re-exported)
                                             compile_row, known_sizes, libtpu_available,
                                             make_plan_mesh, model_flops, parse_topology,
                                             per_device_bytes, topology_devices, total_bytes)
 from promot_jax.train import sharding
 from promot_jax.train.optimizer import make_optimizer
-from promot_jax.train.stages import split_params
-from promot_jax.train.step import FEATURES, TrainState, make_train_step
+from promot_jax.train.stages import check_modules, split_params, uses_modules
+from promot_jax.train.step import (FEATURES, PROMPT_IDS, TrainState, batch_features,
+                                   make_train_step)
 
 # ---------------------------------------------------------------------------- stages
 
@@ -72,14 +73,9 @@ class Budget:
 def stage_params(run, stage, stacked: bool = False) -> dict:
   """Abstract parameters as the stage starts from them (prompt only if it uses one)."""
   cfg = run.model_config
-  needs_prompt = stage.with_prompt or stage.is_trainable('prompt/prompt')
-  if needs_prompt and cfg.prompt_length <= 0:
-    raise ValueError(f'Stage {stage.name} uses the prompt but PROMPT_LENGTH is 0; set '
-                     '--gin.PROMPT_LENGTH=100 (the paper uses 100).')
+  check_modules(stage, cfg)
   params = model.abstract_params(cfg, stacked=stacked)
-  if not needs_prompt:
-    params.pop('prompt', None)
-  return params
+  return params if uses_modules(stage, params) else formats.without_modules(params)
 
 
 def _add_speed(row: dict, budget: Budget, num_devices: int) -> dict:
@@ -108,6 +104,8 @@ def _abstract_args(run, stage, params, abstract_opt, batch_size: int) -> tuple:
   batch = {k: jax.ShapeDtypeStruct(
       (batch_size, lengths['inputs' if k == 'encoder_input_tokens' else 'targets']), jnp.int32)
       for k in FEATURES}
+  if PROMPT_IDS in batch_features(run.model_config):
+    batch[PROMPT_IDS] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
   return state, frozen, batch, jax.eval_shape(lambda: jax.random.PRNGKey(0))
 
 

@@ -2,9 +2,11 @@
 
   promot report OUT_DIR/*/results.json [--out_dir DIR] [--method 'ProMoT=path/results.json']
 
-Each results.json is one checkpoint; its method (a column) comes from `--method LABEL=PATH`
-or from the stage that wrote the checkpoint (pretrain -> Pretrained, finetune -> Fine-tuning,
-prompt_tuning -> Prompt tuning, model_tuning -> ProMoT, joint -> Joint). Written to DIR:
+Each results.json is one checkpoint; its method (a column) comes from `--method LABEL=PATH`,
+else from the label the trainer wrote with the checkpoint (train/methods.py: ProMoT,
+LoRA-ProMoT (r=4), Multi-task ProMoT, ...), else from the stage that wrote it (pretrain ->
+Pretrained, finetune -> Fine-tuning, prompt_tuning -> Prompt tuning, model_tuning -> ProMoT,
+joint -> Joint). Written to DIR:
 
   report.md     the fine-tuned task's own score per method, then the in-context tasks
                 (rows, plus Norm. Avg., the plain mean) x methods (1-shot / 4-shot cells, as in
@@ -27,10 +29,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from promot_jax.checkpoints.manager import read_history
+from promot_jax.train import methods
 
 METHOD_OF_STAGE = {'pretrain': 'Pretrained', 'pretrained': 'Pretrained', 'finetune': 'Fine-tuning',
                    'prompt_tuning': 'Prompt tuning', 'model_tuning': 'ProMoT', 'joint': 'Joint'}
-METHOD_ORDER = ('Pretrained', 'Fine-tuning', 'Prompt tuning', 'ProMoT', 'Joint')
+METHOD_ORDER = methods.ORDER
 
 
 def base_task(name: str) -> str:
@@ -47,7 +50,10 @@ def _stage_dir(results: Mapping[str, Any]) -> Optional[str]:
 
 
 def method_of(results: Mapping[str, Any]) -> str:
-  """A results file's column: its checkpoint's stage, mapped to the paper's method names."""
+  """A results file's column: the method the trainer recorded with its checkpoint
+  (train/methods.py); for older checkpoints, its stage mapped to the paper's method names."""
+  if results['checkpoint'].get('method'):
+    return results['checkpoint']['method']
   stage_dir = _stage_dir(results)
   stage = os.path.basename(stage_dir) if stage_dir else results['checkpoint'].get('name', '?')
   return METHOD_OF_STAGE.get(stage, stage)
@@ -99,11 +105,14 @@ def build(loaded: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
   fmt: dict[str, dict[str, dict[str, Optional[float]]]] = {t: {} for t in rows}
   metric_of: dict[str, str] = {}
   finetuned_scores: dict[str, Any] = {}
+  by_task: dict[str, dict[str, Any]] = {}   # several for multi-task and sequential runs
   for method, results in loaded:
     for name, entry in results['tasks'].items():
       if entry.get('role') == 'finetuned':
-        finetuned_scores[method] = {'score': _score(entry), 'metric': entry.get('metric'),
-                                    'with_prompt': entry.get('with_prompt')}
+        score = {'score': _score(entry), 'metric': entry.get('metric'),
+                 'with_prompt': entry.get('with_prompt')}
+        finetuned_scores.setdefault(method, score)
+        by_task.setdefault(name, {})[method] = score
         continue
       row, k = base_task(name), f'{entry.get("shots", 0)}shot'
       icl[row].setdefault(method, {})[k] = _score(entry)
@@ -126,6 +135,7 @@ def build(loaded: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
       if history:
         histories[method] = {'stage_dir': stage_dir, 'history': history}
   return {'methods': methods, 'finetuned_task': finetuned, 'finetuned': finetuned_scores,
+          'finetuned_by_task': by_task,
           'shots': [f'{s}shot' for s in shots], 'tasks': rows, 'metrics': metric_of,
           'in_context': icl, 'format_rate': fmt, 'norm_avg': averages, 'histories': histories,
           'sources': {m: r['checkpoint'].get('resolved') for m, r in loaded}}
@@ -139,17 +149,21 @@ def markdown(report: Mapping[str, Any]) -> str:
   """report.md: three tables in the paper's layout."""
   methods, shots = report['methods'], report['shots']
   lines = ['# ProMoT report', '']
-  if report['finetuned']:
-    task = report['finetuned_task'] or 'fine-tuned task'
-    lines += [f'## Fine-tuned task: {task} (0-shot; with the prompt where the method has one)',
+  by_task = report.get('finetuned_by_task') or {}
+  if by_task:
+    title = report['finetuned_task'] or ', '.join(by_task)
+    lines += [f'## Fine-tuned task: {title} (0-shot; with the prompt where the method has one)',
               '', '| | ' + ' | '.join(methods) + ' |', '|---|' + '---|' * len(methods)]
-    cells = []
-    for m in methods:
-      f = report['finetuned'].get(m)
-      cells.append('-' if not f or f['score'] is None else
-                   f'{f["score"]:.2f}' + ('' if f['with_prompt'] else ' (no prompt)'))
-    metric = next((f['metric'] for f in report['finetuned'].values() if f.get('metric')), '')
-    lines += [f'| {metric} | ' + ' | '.join(cells) + ' |', '']
+    for task, scores in by_task.items():
+      cells = []
+      for m in methods:
+        f = scores.get(m)
+        cells.append('-' if not f or f['score'] is None else
+                     f'{f["score"]:.2f}' + ('' if f['with_prompt'] else ' (no prompt)'))
+      metric = next((f['metric'] for f in scores.values() if f.get('metric')), '')
+      name = f'{task} ({metric})' if len(by_task) > 1 else metric
+      lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    lines.append('')
   head = '| task | ' + ' | '.join(methods) + ' |'
   rule = '|---|' + '---|' * len(methods)
   shot_text = ' / '.join(s.replace('shot', '-shot') for s in shots)
@@ -186,7 +200,9 @@ def chart(report: Mapping[str, Any], path: str) -> None:
   """report.png: grouped bars per shot count, and the format rate over steps."""
   matplotlib.use('Agg')
   methods, shots, tasks = report['methods'], report['shots'], report['tasks']
-  panels = len(shots) + (1 if report['histories'] else 0)
+  if not tasks:
+    shots = []          # no in-context task was evaluated: no score panels
+  panels = max(1, len(shots) + (1 if report['histories'] else 0))
   fig, axes = plt.subplots(panels, 1, figsize=(max(8, 1.3 * (len(tasks) + 1)), 3.6 * panels),
                            squeeze=False)
   labels = [t for t in tasks] + ['Norm. Avg.']
@@ -204,6 +220,9 @@ def chart(report: Mapping[str, Any], path: str) -> None:
     ax.set_ylim(0, 100)
     ax.set_title(f'In-context tasks, {k.replace("shot", "-shot")}, without the prompt')
     ax.legend(fontsize=8, ncol=len(methods))
+  if not shots and not report['histories']:
+    axes[0, 0].text(0.5, 0.5, 'No in-context task was evaluated.', ha='center', va='center')
+    axes[0, 0].set_axis_off()
   if report['histories']:
     ax = axes[-1, 0]
     for method, h in report['histories'].items():

@@ -34,7 +34,7 @@ def run_smoke(model_name: str = 'mt5_small', prompt_length: int = 100, batch: in
     source = checkpoint
   else:
     cfg = resolve_model(model_name).replace(prompt_length=prompt_length)
-    params = model.init_params(cfg.replace(prompt_length=0), jax.random.PRNGKey(seed))
+    params = model.init_params(cfg.base(), jax.random.PRNGKey(seed))
     source = f'{model_name} (random weights)'
   params = prompt.initialize_prompt(params, prompt_length, 'vocab', rng=jax.random.PRNGKey(seed))
   n_model = tree_util.count_params(prompt.without_prompt(params))

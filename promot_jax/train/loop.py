@@ -24,12 +24,12 @@ from promot_jax.checkpoints import loading, orbax_io
 from promot_jax.checkpoints.manager import CorruptCheckpointError, StageCheckpoints
 from promot_jax.data import pipeline as data
 from promot_jax.eval import task as eval_task
-from promot_jax.model import prompt, transformer as model
-from promot_jax.train import probes, sharding
+from promot_jax.model import formats, prompt, transformer as model
+from promot_jax.train import methods, probes, sharding
 from promot_jax.train.preemption import Preempted, StopRequest
 from promot_jax.train.progress import Progress
 from promot_jax.train.run_config import RunConfig
-from promot_jax.train.stages import Stage, merge_params, split_params
+from promot_jax.train.stages import Stage, check_modules, merge_params, split_params, uses_modules
 from promot_jax.train.step import TrainState, make_eval_step
 
 
@@ -67,19 +67,23 @@ def _prepare_starting_params(run: RunConfig, stage: Stage, previous: Optional[St
   else:
     log('starting from random weights (no INITIAL_CHECKPOINT_PATH)')
     params = jax.tree_util.tree_map(np.asarray, model.init_params(
-        cfg.replace(prompt_length=0), jax.random.PRNGKey(run.seed)))
+        cfg.base(), jax.random.PRNGKey(run.seed)))
   if prompt.has_prompt(params):
-    _check_prompt_length(prompt.get_prompt(params).shape[0], cfg.prompt_length, 'the checkpoint')
-  needs_prompt = stage.with_prompt or stage.is_trainable('prompt/prompt')
-  if needs_prompt and cfg.prompt_length <= 0:
-    raise ValueError(f'Stage {stage.name} uses the prompt but PROMPT_LENGTH is 0; set '
-                     '--gin.PROMPT_LENGTH=100 (the paper uses 100).')
-  if needs_prompt and not prompt.has_prompt(params):
-    log(f'initialising a [{cfg.prompt_length}, {cfg.emb_dim}] prompt ({run.prompt_init})')
-    params = prompt.initialize_prompt(
-        params, cfg.prompt_length, run.prompt_init, rng=jax.random.PRNGKey(run.seed + 1),
-        path=run.prompt_init_file, class_label_ids=run.class_label_ids())
-  return params
+    first = prompt.prompt_names(params)[0]
+    _check_prompt_length(prompt.get_prompt(params, None if first == 'prompt' else first).shape[0],
+                         cfg.prompt_length, 'the checkpoint')
+  check_modules(stage, cfg)
+  if not uses_modules(stage, model.abstract_params(cfg)):
+    return params
+  return formats.initialize_missing(
+      params, cfg, rng=jax.random.PRNGKey(run.seed + 1), prompt_init=run.prompt_init,
+      prompt_init_file=run.prompt_init_file, class_label_ids=run.class_label_ids(), log=log)
+
+
+def _trains_only_the_module(trainable: Any, frozen: Any) -> bool:
+  """Whether the stage trains every format-module parameter and nothing else."""
+  return (all(formats.is_module_path(p) for p in tree_util.flatten(trainable))
+          and not formats.module_paths(frozen))
 
 
 def _check_prompt_length(found: int, expected: int, source: str) -> None:
@@ -93,9 +97,10 @@ def validate(run: RunConfig, stage: Stage, eval_fn: Callable, params: Any, mesh)
   """Teacher-forced validation metrics over the validation split (or EVAL_BATCHES of it)."""
   shard_index, num_shards = partitioning.host_data_shard(mesh)
   it = data.make_batch_iterator(
-      run.validation_task or run.mixture_or_task_name, run.task_feature_lengths,
+      run.validation_task_of(stage), run.task_feature_lengths,
       run.validation_split, run.batch_size, seed=run.seed, shuffle=False, repeat=False,
-      drop_remainder=False, shard_index=shard_index, num_shards=num_shards)
+      drop_remainder=False, shard_index=shard_index, num_shards=num_shards,
+      prompt_tasks=run.model_config.prompt_tasks)
   totals: dict[str, float] = {}
   for i, batch in enumerate(it):
     if run.eval_batches is not None and i >= run.eval_batches:
@@ -106,7 +111,7 @@ def validate(run: RunConfig, stage: Stage, eval_fn: Callable, params: Any, mesh)
       totals[k] = totals.get(k, 0.0) + float(v)
   if not totals or totals['num_tokens'] == 0:
     raise ValueError(f'The validation split {run.validation_split!r} of '
-                     f'{run.validation_task or run.mixture_or_task_name} gave no examples.')
+                     f'{run.validation_task_of(stage)} gave no examples.')
   return {'validation/loss': totals['loss_sum'] / totals['num_tokens'],
           'validation/token_accuracy': totals['correct_tokens'] / totals['num_tokens'],
           'validation/sequence_accuracy': totals['correct_sequences'] / totals['num_sequences'],
@@ -153,14 +158,16 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
     try:
       stored = ckpts.param_shapes(candidate)  # shapes only; restored below
       base = ckpts.base_of(candidate)         # set when it holds only the stage's part
-      params = stored if base is None else {**loading.base_shapes(cfg), **stored}
+      params = stored if base is None else tree_util.merge(loading.base_shapes(cfg), stored)
       layout = sharding.build_stage_layout(cfg, stage, mesh, rules, params,
                                            run.loss_normalizing_factor)
       abstract_params, abstract_opt = sharding.abstract_on_mesh(layout.t5x, params, stage)
-      restored = ckpts.restore(candidate, {k: abstract_params[k] for k in stored}, abstract_opt)
+      flat_abstract = tree_util.flatten(abstract_params)
+      restored = ckpts.restore(candidate, tree_util.unflatten(
+          {p: flat_abstract[p] for p in tree_util.flatten(stored)}), abstract_opt)
       if base is not None:   # the frozen rest, from the base the checkpoint names
         frozen = sharding.place_frozen(layout.t5x, loading.load_base(base, cfg))
-        restored = ({**frozen, **restored[0]}, *restored[1:])
+        restored = (tree_util.merge(frozen, restored[0]), *restored[1:])
       latest = candidate
       break
     except CorruptCheckpointError as e:
@@ -200,20 +207,20 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
     progress.log(f'resuming from {ckpts.path(latest)} (step {latest})')
 
   start = int(jax.device_get(state.step))
-  # A stage that trains only the prompt on top of the run's base saves just the prompt and a
-  # fingerprinted reference to the base (docs/RELIABILITY.md); other stages save everything.
+  # A stage that trains only the format module on top of the run's base saves just the module
+  # and a fingerprinted reference to the base (docs/RELIABILITY.md); other stages save all.
   base_ref = None
-  if stage.start_from != 'previous' and set(tree_util.flatten(state.trainable)) <= {
-      'prompt/prompt'}:
+  if stage.start_from != 'previous' and _trains_only_the_module(state.trainable, frozen):
     base_ref = loading.base_reference(run.initial_checkpoint_path, cfg, run.seed)
   # Every check passed and the state is on the mesh: only now is anything written.
   run.record_model_dir()
   progress.open_tensorboard(paths.join(stage_dir, 'tb'))
   shard_index, num_shards = partitioning.host_data_shard(mesh)   # the rows this host feeds
-  it = data.make_batch_iterator(run.mixture_or_task_name, run.task_feature_lengths, 'train',
+  it = data.make_batch_iterator(run.train_task(stage), run.task_feature_lengths, 'train',
                                 run.batch_size, seed=run.seed, shuffle=True, repeat=True,
                                 start_batch=data_state['batches_consumed'],
-                                shard_index=shard_index, num_shards=num_shards)
+                                shard_index=shard_index, num_shards=num_shards,
+                                prompt_tasks=cfg.prompt_tasks)
   step_fn = layout.step.step_fn
   if layout.scanned:
     progress.log(f'scanned layers (remat {cfg.remat_policy}); checkpoints keep the t5x layout')
@@ -221,26 +228,29 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
   eval_fn = jax.jit(make_eval_step(cfg, stage))
   rng = jax.random.PRNGKey(run.seed + 1000 * (1 + run.stage_index(stage.name)))
   lengths = run.task_feature_lengths
-  trained_task = run.validation_task or run.mixture_or_task_name
+  trained_task = run.validation_task_of(stage)
   probe_label_set = probes.probe_labels(trained_task, run.format_labels)
   probes.check_probes(run.format_probe_tasks, probe_label_set, trained_task)
   progress.tokens_per_step = run.batch_size * (lengths['inputs'] + lengths['targets'] + (
       cfg.prompt_length if stage.with_prompt else 0))
   progress._last_step, progress._last_time = start, time.perf_counter()
   last_metrics: dict = {}
+  method = methods.method_label(run.stages, run.stage_index(stage.name), cfg,
+                                run.mixture_or_task_name)
 
   def checkpoint(done: int, validate_too: bool = True) -> None:
     trainable, t5x_frozen, opt_state = layout.to_t5x(state.trainable, frozen, state.opt_state)
     full = merge_params(trainable, t5x_frozen)
     ckpts.save(done, trainable if base_ref else full, opt_state, cfg,
-               {'data': it.state(), 'stage': stage.name, 'train_metrics': last_metrics},
+               {'data': it.state(), 'stage': stage.name, 'train_metrics': last_metrics,
+                'method': method},
                base=base_ref)
     if validate_too:
       val = validate(run, stage, eval_fn, full, mesh)
       if stage.keep_metric.startswith('validation/decode_'):
         # The same decoding + post-processing + metric code as `promot eval`.
         val.update(eval_task.validation_metrics(
-            cfg, full, run.validation_task or run.mixture_or_task_name, run.validation_split,
+            cfg, full, trained_task, run.validation_split,
             task_feature_lengths=run.task_feature_lengths, batch_size=run.batch_size,
             max_examples=run.eval_batches * run.batch_size if run.eval_batches else None,
             with_prompt=stage.with_prompt, decoding_method=run.keep_decode, mesh=mesh))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 import optax
 
 from promot_jax import tree_util
-from promot_jax.model import stacking
+from promot_jax.model import formats, stacking
 from promot_jax.train import adafactor
 from promot_jax.train.stages import Stage
 
@@ -38,7 +38,7 @@ def _base(stage: Stage, scale_by_param: bool,
 
 
 def make_optimizer(stage: Stage, trainable: Mapping[str, Any]) -> optax.GradientTransformation:
-  """The stage's optimizer for the `trainable` tree (which may or may not include the prompt).
+  """The stage's optimizer for the `trainable` tree (with or without a format module).
 
   `trainable` may be the t5x tree or the stacked one (arrays or ShapeDtypeStructs); with stacked
   leaves each layer gets the update it would get in the t5x tree.
@@ -46,11 +46,12 @@ def make_optimizer(stage: Stage, trainable: Mapping[str, Any]) -> optax.Gradient
   paths = tree_util.flatten(trainable)
   batched = (stacking.is_stacked_path if any(stacking.is_stacked_path(p) for p in paths)
              else None)
-  has_prompt = 'prompt' in trainable
-  has_weights = any(k != 'prompt' for k in trainable)
-  if has_prompt and has_weights and stage.multiply_by_parameter_scale:
+  has_module = any(formats.is_module_path(p) for p in paths)
+  has_weights = any(not formats.is_module_path(p) for p in paths)
+  if has_module and has_weights and stage.multiply_by_parameter_scale:
+    # The format module (label 'prompt', its first kind) moves at the raw rate, as in stage 1.
     labels = tree_util.map_with_path(
-        lambda path, _: 'prompt' if path.startswith('prompt/') else 'weights', trainable)
+        lambda path, _: 'prompt' if formats.is_module_path(path) else 'weights', trainable)
     return optax.multi_transform({'prompt': _base(stage, False, batched),
                                   'weights': _base(stage, True, batched)}, labels)
   return _base(stage, stage.multiply_by_parameter_scale, batched)

@@ -59,6 +59,14 @@ class RunConfig:
   def rules(self) -> tuple:
     return partitioning.standard_logical_axis_rules(tuple(self.logical_axis_rules))
 
+  def train_task(self, stage: Stage) -> str:
+    """The task or mixture `stage` trains on: its own, else MIXTURE_OR_TASK_NAME."""
+    return stage.task or self.mixture_or_task_name
+
+  def validation_task_of(self, stage: Stage) -> str:
+    """What keep-best validates `stage` on: its own task, else VALIDATION_TASK, else the run's."""
+    return stage.task or self.validation_task or self.mixture_or_task_name
+
   def stage_index(self, name: str) -> int:
     return [s.name for s in self.stages].index(name)
 

@@ -24,7 +24,7 @@ from promot_jax import mesh as partitioning, tree_util
 from promot_jax.model import stacking, transformer
 from promot_jax.train.optimizer import make_optimizer
 from promot_jax.train.stages import Stage, merge_params, split_params
-from promot_jax.train.step import FEATURES, TrainState, make_train_step
+from promot_jax.train.step import TrainState, batch_features, make_train_step
 
 
 def opt_state_shardings(abstract_opt_state: Any, abstract_trainable: Any, trainable_specs: Any,
@@ -96,7 +96,7 @@ def build_sharded_step(cfg, stage: Stage, mesh, rules, params: Any,
   opt_shard = opt_state_shardings(abstract_opt, abstract_trainable, t_specs, mesh, rules)
   state_shard = TrainState(step=partitioning.replicated(mesh), trainable=t_shard,
                            opt_state=opt_shard)
-  batch_shard = {k: partitioning.data_sharding(mesh) for k in FEATURES}
+  batch_shard = {k: partitioning.data_sharding(mesh) for k in batch_features(cfg)}
   step_fn = jax.jit(make_train_step(cfg, stage, optimizer, loss_normalizing_factor),
                     in_shardings=(state_shard, f_shard, batch_shard, partitioning.replicated(mesh)),
                     out_shardings=(state_shard, partitioning.replicated(mesh)),

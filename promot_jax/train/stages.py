@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from promot_jax import tree_util
+from promot_jax.model import formats, lora
 
 PROMPT_REGEX = r'^prompt/'
-ALL_BUT_PROMPT_REGEX = r'^(?!prompt/)'
+LORA_REGEX = lora.LORA_PATH_REGEX
+# Every weight of the network, no format module (prompt or LoRA): what stage 2 trains.
+ALL_BUT_MODULE_REGEX = formats.NOT_MODULE_REGEX
+ALL_BUT_PROMPT_REGEX = ALL_BUT_MODULE_REGEX   # its first name
 EVERYTHING_REGEX = r'.*'
 
 
@@ -47,6 +51,9 @@ class Stage:
   # Where the stage's starting parameters come from: 'pretrained' (the run's initial
   # checkpoint, prompt from its initialiser) or 'previous' (the previous stage's kept one).
   start_from: str = 'pretrained'
+  # The seqio task or mixture this stage trains and validates on; None: the run's
+  # MIXTURE_OR_TASK_NAME (sequential runs give each stage its own).
+  task: Optional[str] = None
 
   def replace(self, **changes: Any) -> 'Stage':
     return dataclasses.replace(self, **changes)
@@ -81,6 +88,24 @@ def split_params(params: Mapping[str, Any], stage: Stage) -> tuple[dict, dict]:
   return tree_util.unflatten(trainable), tree_util.unflatten(frozen)
 
 
+def uses_modules(stage: Stage, params: Mapping[str, Any]) -> bool:
+  """Whether `stage` attaches or trains any format module of `params` (a tree with them)."""
+  return stage.with_prompt or any(stage.is_trainable(p) for p in formats.module_paths(params))
+
+
+def check_modules(stage: Stage, cfg) -> None:
+  """A clear error when a stage uses a format module the model config does not have."""
+  if stage.with_prompt and not cfg.has_format_module:
+    raise ValueError(f'Stage {stage.name} attaches the format module but the model has none; '
+                     'set --gin.PROMPT_LENGTH=100 (the paper uses 100) or LORA_RANK for LoRA.')
+  if stage.trainable == LORA_REGEX and cfg.lora_rank <= 0:
+    raise ValueError(f'Stage {stage.name} trains LoRA adapters but LORA_RANK is 0; set '
+                     '--gin.LORA_RANK=4 (the paper tries 2 and 4).')
+  if stage.trainable == PROMPT_REGEX and cfg.prompt_length <= 0:
+    raise ValueError(f'Stage {stage.name} trains the prompt but PROMPT_LENGTH is 0; set '
+                     '--gin.PROMPT_LENGTH=100 (the paper uses 100).')
+
+
 def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
   return tree_util.unflatten({**tree_util.flatten(frozen), **tree_util.flatten(trainable)})
 
@@ -92,16 +117,27 @@ def prompt_tuning(**overrides: Any) -> Stage:
                multiply_by_parameter_scale=False, start_from='pretrained').replace(**overrides)
 
 
+def lora_tuning(**overrides: Any) -> Stage:
+  """Stage 1 with LoRA as the format module: train only the adapters; the model is frozen.
+
+  The paper gives no LoRA hyper-parameters; these are this project's: Adafactor at lr 1e-3
+  without parameter scaling (lora_b starts at zero), the prompt stage's length and period.
+  """
+  return Stage(name='lora_tuning', trainable=LORA_REGEX, with_prompt=True,
+               learning_rate=1e-3, train_steps=5000, checkpoint_period=1000,
+               multiply_by_parameter_scale=False, start_from='pretrained').replace(**overrides)
+
+
 def model_tuning(**overrides: Any) -> Stage:
-  """Stage 2: train every weight with the stage-1 prompt attached and frozen."""
-  return Stage(name='model_tuning', trainable=ALL_BUT_PROMPT_REGEX, with_prompt=True,
+  """Stage 2: train every weight with the stage-1 module (prompt or LoRA) attached and frozen."""
+  return Stage(name='model_tuning', trainable=ALL_BUT_MODULE_REGEX, with_prompt=True,
                learning_rate=1e-3, train_steps=1000, dropout_rate=0.1, label_smoothing=0.1,
                checkpoint_period=100, start_from='previous').replace(**overrides)
 
 
 def finetune(**overrides: Any) -> Stage:
   """Baseline: standard fine-tuning, no prompt at all."""
-  return Stage(name='finetune', trainable=ALL_BUT_PROMPT_REGEX, with_prompt=False,
+  return Stage(name='finetune', trainable=ALL_BUT_MODULE_REGEX, with_prompt=False,
                learning_rate=1e-3, train_steps=1000, dropout_rate=0.1, label_smoothing=0.1,
                checkpoint_period=100, start_from='pretrained').replace(**overrides)
 
@@ -113,5 +149,25 @@ def joint(**overrides: Any) -> Stage:
                start_from='pretrained').replace(**overrides)
 
 
-PRESETS = {'prompt_tuning': prompt_tuning, 'model_tuning': model_tuning, 'finetune': finetune,
-           'joint': joint}
+def sequential(tasks: Sequence[str], stage1: Stage, stage2: Stage) -> list[Stage]:
+  """Sequential ProMoT: for each task in turn, stage 1 on its own prompt then stage 2.
+
+  The model needs one prompt per task (PROMPT_TASKS = tasks). Task k's stage 1 trains only
+  prompt/<task k> and starts from task k-1's stage-2 model (the first from the pretrained
+  one); its stage 2 trains the model with that prompt attached. Earlier prompts are kept
+  unchanged, so after the last task every task's prompt is in the checkpoint.
+  """
+  if not tasks:
+    raise ValueError('sequential() needs at least one task.')
+  out = []
+  for i, task in enumerate(tasks):
+    short = task.split(':')[-1]
+    out.append(stage1.replace(name=f'{stage1.name}_{short}', task=task,
+                              trainable=f'^prompt/{re.escape(task)}$',
+                              start_from='pretrained' if i == 0 else 'previous'))
+    out.append(stage2.replace(name=f'{stage2.name}_{short}', task=task, start_from='previous'))
+  return out
+
+
+PRESETS = {'prompt_tuning': prompt_tuning, 'lora_tuning': lora_tuning,
+           'model_tuning': model_tuning, 'finetune': finetune, 'joint': joint}

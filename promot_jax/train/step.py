@@ -26,6 +26,12 @@ Batch = Mapping[str, Array]
 # The batch features the step reads (seqio's EncDecFeatureConverter names, no packing).
 FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
             'decoder_loss_weights')
+PROMPT_IDS = 'prompt_ids'   # [batch]: each row's task index when the model has per-task prompts
+
+
+def batch_features(cfg: T5Config) -> tuple[str, ...]:
+  """The features a step of this model reads (plus each row's prompt id for per-task prompts)."""
+  return FEATURES + ((PROMPT_IDS,) if cfg.prompt_tasks else ())
 
 
 @flax.struct.dataclass
@@ -46,7 +52,7 @@ def forward(model: Transformer, stage: Stage, params: Any, batch: Batch,
   return model.apply({'params': params}, batch['encoder_input_tokens'],
                      batch['decoder_input_tokens'], batch['decoder_target_tokens'],
                      with_prompt=stage.with_prompt, enable_dropout=dropout_rng is not None,
-                     rngs=rngs)
+                     prompt_ids=batch.get(PROMPT_IDS), rngs=rngs)
 
 
 def dropout_key(rng: Array) -> Array:

@@ -17,7 +17,7 @@ import numpy as np
 
 from promot_jax import mesh as partitioning
 from promot_jax.data import pipeline as data
-from promot_jax.model import config as config_lib, decoding, prompt, transformer as model
+from promot_jax.model import config as config_lib, decoding, formats, prompt, transformer as model
 from promot_jax.tools.bench.common import (BenchConfig, CompileCounter, Timer, device_peak_bytes,
                                            peak_rss_bytes, reset_peak_rss, tree_bytes)
 from promot_jax.tools.plan_hardware import memory_row
@@ -34,7 +34,7 @@ def model_config(bc: BenchConfig) -> config_lib.T5Config:
 def random_params(bc: BenchConfig) -> dict:
   """Random float32 parameters (numpy) with a uniform-initialised prompt attached."""
   cfg = model_config(bc)
-  params = model.init_params(cfg.replace(prompt_length=0), jax.random.PRNGKey(bc.seed))
+  params = model.init_params(cfg.base(), jax.random.PRNGKey(bc.seed))
   params = jax.tree_util.tree_map(np.asarray, params)
   return prompt.initialize_prompt(params, bc.prompt_length, 'uniform',
                                   rng=jax.random.PRNGKey(bc.seed + 1))
@@ -54,8 +54,8 @@ class StageStep:
     self.stage, self.bc = stage, bc
     mesh = mesh or partitioning.make_mesh()
     rules = partitioning.standard_logical_axis_rules()
-    if not stage.with_prompt and not stage.is_trainable('prompt/prompt'):
-      params = prompt.without_prompt(params)
+    if not stages.uses_modules(stage, params):
+      params = formats.without_modules(params)
     # As the trainer does (train/loop.py): the t5x tree placed, then moved to the step's layout.
     layout = sharding.build_stage_layout(cfg, stage, mesh, rules, params)
     self.sharded = layout.step
