@@ -225,3 +225,21 @@ def test_eval_attaches_the_module_on_the_target_task_only(finished_run, tmp_path
                    '--out_dir', str(tmp_path / 'report')]) == 0
   table = (tmp_path / 'report' / 'report.md').read_text()
   assert all(label in table for label in labels), table
+
+
+@pytest.mark.parametrize('run, flag, message', [
+    ('lora', '--gin.LORA_RANK=0', 'LORA_RANK'),
+    ('lora', "--gin.LORA_TARGETS='nothing_matches'", 'matches no kernel'),
+    ('multitask', "--gin.PROMPT_TASKS=['toy_sorted']", 'toy_reverse'),
+    ('multitask', "--gin.PROMPT_TASKS=['toy_sorted', 'toy_sorted']", 'twice'),
+    ('sequential', '--gin.PROMPT_LENGTH=0', 'PROMPT_LENGTH'),
+])
+def test_a_bad_module_setting_is_a_clear_error_before_anything_is_written(
+    tmp_path, capsys, run, flag, message):
+  gin_file, extra = RUNS[run]
+  model_dir = tmp_path / 'run'
+  code = cli.main(['run', '--gin_file', gin_file, f"--gin.MODEL_DIR='{model_dir}'", *SHORT,
+                   *extra, flag])
+  err = capsys.readouterr().err
+  assert code == 2 and message in err, err
+  assert not model_dir.exists() or not any(model_dir.iterdir())

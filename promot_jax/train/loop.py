@@ -212,15 +212,15 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
   base_ref = None
   if stage.start_from != 'previous' and _trains_only_the_module(state.trainable, frozen):
     base_ref = loading.base_reference(run.initial_checkpoint_path, cfg, run.seed)
-  # Every check passed and the state is on the mesh: only now is anything written.
-  run.record_model_dir()
-  progress.open_tensorboard(paths.join(stage_dir, 'tb'))
   shard_index, num_shards = partitioning.host_data_shard(mesh)   # the rows this host feeds
   it = data.make_batch_iterator(run.train_task(stage), run.task_feature_lengths, 'train',
                                 run.batch_size, seed=run.seed, shuffle=True, repeat=True,
                                 start_batch=data_state['batches_consumed'],
                                 shard_index=shard_index, num_shards=num_shards,
                                 prompt_tasks=cfg.prompt_tasks)
+  # Every check passed and the state is on the mesh: only now is anything written.
+  run.record_model_dir()
+  progress.open_tensorboard(paths.join(stage_dir, 'tb'))
   step_fn = layout.step.step_fn
   if layout.scanned:
     progress.log(f'scanned layers (remat {cfg.remat_policy}); checkpoints keep the t5x layout')
