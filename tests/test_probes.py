@@ -6,6 +6,8 @@ import os
 
 from promot_jax import cli
 from promot_jax.checkpoints.manager import read_history
+from promot_jax.eval import registry
+from promot_jax.train import probes
 
 RUN = 'runs/promot_tiny_cpu.gin'
 
@@ -37,3 +39,10 @@ def test_unknown_probe_task_or_missing_labels_stop_before_anything_is_written(tm
   assert cli.main(_flags(str(model_dir), "--gin.FORMAT_PROBE_TASKS=['toy_reverse']")) == 2
   assert 'FORMAT_LABELS' in capsys.readouterr().err
   assert not model_dir.exists()
+
+
+def test_a_mixture_probes_for_every_label_of_its_tasks():
+  registry.import_task_modules(['promot_tasks.synthetic', 'promot_tasks.toy'])
+  assert probes.probe_labels('synth_classify', []) == ('False', 'True')
+  assert probes.probe_labels('toy_mix', []) is None         # toy_reverse has no label set
+  assert probes.probe_labels('toy_mix', ['yes']) == ('yes',)

@@ -24,7 +24,8 @@ from promot_jax import mesh as partitioning, paths
 from promot_jax.checkpoints import resolve
 from promot_jax.data import pipeline
 from promot_jax.eval import metrics, registry
-from promot_jax.eval.task import TaskPlan, default_split, evaluate_task, expand, plan_for, shots_of
+from promot_jax.eval.task import (TaskPlan, default_split, evaluate_task, expand, label_set,
+                                  plan_for, shots_of)
 from promot_jax.model import formats
 
 Log = Callable[[str], None]
@@ -114,9 +115,10 @@ def format_label_set(ecfg: EvalConfig) -> Optional[tuple[str, ...]]:
   """FORMAT_LABELS, else the fine-tuned task's label set (LABEL_SETS, else registered)."""
   if ecfg.format_labels:
     return tuple(ecfg.format_labels)
+  if ecfg.label_sets.get(ecfg.finetuned_task):
+    return tuple(ecfg.label_sets[ecfg.finetuned_task])
   if ecfg.finetuned_task:
-    return registry.task_info(ecfg.finetuned_task,
-                              labels=ecfg.label_sets.get(ecfg.finetuned_task)).labels
+    return label_set(ecfg.finetuned_task)     # a mixture: every label of its tasks
   return None
 
 

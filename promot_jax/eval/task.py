@@ -59,6 +59,15 @@ def expand(name: str) -> list[str]:
   return [name]
 
 
+def label_set(name: str) -> Optional[tuple[str, ...]]:
+  """A task's registered label set; for a mixture, every label of its tasks (sorted), when
+  each of them has a label set (else None)."""
+  sets = [registry.task_info(task).labels for task in expand(name)]
+  if len(sets) == 1:
+    return sets[0]
+  return tuple(sorted({x for labels in sets for x in labels})) if all(sets) else None
+
+
 def plan_for(name: str, role: str, with_prompt: bool, split: str,
              metric: Optional[str] = None, labels: Optional[Sequence[str]] = None,
              mode: str = 'decode') -> TaskPlan:

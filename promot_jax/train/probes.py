@@ -19,15 +19,16 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 from promot_jax.data import pipeline
-from promot_jax.eval import registry, task as eval_task
+from promot_jax.eval import task as eval_task
 from promot_jax.model.config import T5Config
 
 
 def probe_labels(task_name: str, format_labels: Sequence[str]) -> Optional[tuple[str, ...]]:
-  """FORMAT_LABELS, else the registered label set of the (fine-tuned) training task."""
+  """FORMAT_LABELS, else the registered label set of the (fine-tuned) training task; for a
+  mixture, every label of its tasks (when each of them has a label set)."""
   if format_labels:
     return tuple(format_labels)
-  return registry.task_info(task_name).labels
+  return eval_task.label_set(task_name)
 
 
 def check_probes(tasks: Sequence[str], labels: Optional[Sequence[str]], trained_task: str) -> None:
