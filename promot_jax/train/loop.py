@@ -68,10 +68,8 @@ def _prepare_starting_params(run: RunConfig, stage: Stage, previous: Optional[St
     log('starting from random weights (no INITIAL_CHECKPOINT_PATH)')
     params = jax.tree_util.tree_map(np.asarray, model.init_params(
         cfg.base(), jax.random.PRNGKey(run.seed)))
-  if prompt.has_prompt(params):
-    first = prompt.prompt_names(params)[0]
-    _check_prompt_length(prompt.get_prompt(params, None if first == 'prompt' else first).shape[0],
-                         cfg.prompt_length, 'the checkpoint')
+  for name in prompt.prompt_names(params):     # prompt/prompt, or one per task
+    _check_prompt_length(params['prompt'][name].shape[0], cfg.prompt_length, 'the checkpoint')
   check_modules(stage, cfg)
   if not uses_modules(stage, model.abstract_params(cfg)):
     return params
