@@ -75,7 +75,7 @@ def icl_task_name(task: str, shots: int) -> str:
 
 
 ICL_TASK_NAMES = [icl_task_name(t, k) for k in SHOTS for t in TASKS]
-CLASSIFY_TASK_NAMES = ['synth_sorted', 'synth_has_a']
+CLASSIFY_TASK_NAMES = ['synth_sorted', 'synth_has_a', 'synth_starts_a', 'synth_long']
 PAPER_METRIC = {name: 'accuracy' for name in ICL_TASK_NAMES + CLASSIFY_TASK_NAMES}
 LABEL_SETS = {name: LABELS for name in CLASSIFY_TASK_NAMES}
 registry.register_tables(PAPER_METRIC, LABEL_SETS)  # how `promot eval` scores them
@@ -144,6 +144,46 @@ def pretrain_rows(split: str) -> list[tuple[str, str]]:
   return rows
 
 
+# Pretraining-only in-context families (synth_pretrain_rich): binary questions answered from
+# the demonstrations, one per letter: 'has_c' = does the word contain c? -> yes / no.
+BINARY_LABELS = ('no', 'yes')
+
+
+def _word_with(rng: np.random.Generator, letter: str, positive: bool) -> str:
+  word = random_word(rng)
+  if positive:
+    i = int(rng.integers(len(word)))
+    return word[:i] + letter + word[i + 1:]
+  while letter in word:
+    word = random_word(rng)
+  return word
+
+
+def binary_example(rng: np.random.Generator, k: int, query_word: str) -> tuple[str, str]:
+  letter = ALPHABET[int(rng.integers(len(ALPHABET)))]
+  positive = bool(rng.integers(2))
+  word = _word_with(rng, letter, positive) if (letter in query_word) != positive else query_word
+  demos = [_word_with(rng, letter, bool(rng.integers(2))) for _ in range(k)]
+  label = lambda w: BINARY_LABELS[int(letter in w)]
+  text = [templates.demonstration(query(w), label(w)) for w in demos]
+  return DEMO_SEPARATOR.join(text + [query(word)]), label(word)
+
+
+def pretrain_rich_rows(split: str) -> list[tuple[str, str]]:
+  """synth_pretrain plus the binary 'has_c' family (1 in 7 examples)."""
+  rng = _rng('pretrain-rich', split)
+  names = list(TASKS) + ['has']
+  rows = []
+  for word in query_words(split, SIZES[split], 'pretrain'):
+    task = names[int(rng.integers(len(names)))]
+    k = int(rng.integers(1, MAX_PRETRAIN_SHOTS + 1))
+    if task == 'has':
+      rows.append(binary_example(rng, k, word))
+    else:
+      rows.append(icl_example(task, _demo_words(rng, k, word), word))
+  return rows
+
+
 def _demo_words(rng: np.random.Generator, k: int, query_word: str) -> list[str]:
   demos: list[str] = []
   while len(demos) < k:
@@ -178,15 +218,26 @@ CLASSIFIERS: dict[str, tuple[str, Callable[[str], bool], Callable]] = {
 }
 
 
+def _with_first_a(rng: np.random.Generator) -> str:
+  return 'a' + random_word(rng)[1:]
+
+
+# Candidate fine-tuned tasks (issue 18's sweep; not in synth_classify).
+EXTRA_CLASSIFIERS: dict[str, tuple[str, Callable[[str], bool], Callable]] = {
+    'starts_a': ('Does it start with a? answer:', lambda w: w[0] == 'a', _with_first_a),
+    'long': ('Is it long? answer:', lambda w: len(w) >= 4,
+             lambda rng: ''.join(ALPHABET[i] for i in rng.integers(0, len(ALPHABET),
+                                                                      int(rng.integers(4, 6))))),
+}
 def classify_example(task: str, word: str) -> tuple[str, str]:
   """(inputs, targets) of a classification task: '<word> <question>' -> True / False."""
-  question, predicate, _ = CLASSIFIERS[task]
+  question, predicate, _ = {**CLASSIFIERS, **EXTRA_CLASSIFIERS}[task]
   return f'{word} {question}', LABELS[int(predicate(word))]
 
 
 def _class_word(task: str, rng: np.random.Generator, i: int) -> str:
   """Even i: a word for which the task's answer is True; odd i: False."""
-  _, predicate, positive = CLASSIFIERS[task]
+  _, predicate, positive = {**CLASSIFIERS, **EXTRA_CLASSIFIERS}[task]
   if i % 2 == 0:
     return positive(rng)
   word = random_word(rng)
@@ -248,7 +299,8 @@ def _add(name: str, make: Callable[[str], list[tuple[str, str]]]) -> None:
 
 def _register() -> None:
   _add('synth_pretrain', pretrain_rows)
-  for task in CLASSIFIERS:
+  _add('synth_pretrain_rich', pretrain_rich_rows)
+  for task in list(CLASSIFIERS) + list(EXTRA_CLASSIFIERS):
     _add(f'synth_{task}', lambda split, task=task: classify_rows(task, split))
   for k in SHOTS:
     for task in TASKS:

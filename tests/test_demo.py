@@ -29,6 +29,58 @@ def test_missing_pretrained_model_is_a_clear_error(tmp_path, capsys):
   assert 'nope' in capsys.readouterr().err
 
 
+# A few steps of every part, a few eval examples: what CI can afford to run twice.
+TINY = ['--gin.FINETUNE_STEPS=4', '--gin.PROMPT_TUNING_STEPS=4', '--gin.MODEL_TUNING_STEPS=4',
+        '--gin.MODEL_CHECKPOINT_PERIOD=2', '--gin.PROMPT_CHECKPOINT_PERIOD=2']
+
+
+def _without_paths(value):
+  """A report with every absolute path (which differs between output dirs) left out."""
+  if isinstance(value, dict):
+    return {k: _without_paths(v) for k, v in value.items()
+            if k not in ('sources', 'stage_dir', 'source')}
+  if isinstance(value, list):
+    return [_without_paths(v) for v in value]
+  return value
+
+
+def test_demo_is_deterministic_and_never_reuses_a_part_made_otherwise(tmp_path):
+  """Two runs of the (shortened) demo give the same report to the last digit: scores, format
+  rates, training curves and gradient cosines. A rerun with other settings refuses to reuse a
+  trained part unless told to remake it; evaluations made otherwise are remade by themselves."""
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  report_a = demo.Demo(a, quick=True, extra_flags=TINY).run()
+  report_b = demo.Demo(b, quick=True, extra_flags=TINY).run()
+  assert _without_paths(report_a) == _without_paths(report_b)
+  history = report_a['histories']['Fine-tuning']
+  assert [row['step'] for row in history['history']] == [2, 4]
+  assert set(history['cosine']) == {'0', '2', '4'}
+  assert all(-1 <= c <= 1 for c in history['cosine'].values())
+  assert set(report_a['histories']['ProMoT']['cosine']) == {'0', '2', '4'}
+  made_by = json.load(open(os.path.join(a, 'seed_0', 'finetune', 'made_by.json')))
+  assert made_by['kind'] == 'train' and len(made_by['code']) == 64
+  # other settings: the trained parts are not reused ...
+  other = TINY + ['--gin.MODEL_LEARNING_RATE=0.01']
+  with pytest.raises(demo.StalePartError, match='bindings'):
+    demo.Demo(a, quick=True, extra_flags=other).run()
+  # ... a part made before parts were recorded neither ...
+  os.remove(os.path.join(b, 'seed_0', 'finetune', 'made_by.json'))
+  with pytest.raises(demo.StalePartError, match='no made_by.json'):
+    demo.Demo(b, quick=True, extra_flags=TINY).run()
+  # ... and --redo remakes it, which gives the same numbers again
+  assert _without_paths(demo.Demo(b, quick=True, extra_flags=TINY, redo=True).run()) == \
+      _without_paths(report_a)
+  # an evaluation made by other settings is remade without being asked
+  record = os.path.join(a, 'seed_0', 'eval', 'promot', 'made_by.json')
+  made = json.load(open(record))
+  json.dump(dict(made, bindings=made['bindings'] + ['--gin.OTHER=1']), open(record, 'w'))
+  lines = []
+  assert _without_paths(demo.Demo(a, quick=True, extra_flags=TINY, log=lines.append).run()) == \
+      _without_paths(report_a)
+  assert any('remaking' in line and 'eval/promot' in line for line in lines)
+  assert not any('remaking' in line and 'finetune' in line for line in lines)
+
+
 @pytest.mark.slow
 def test_shortened_demo_runs_every_part_and_writes_the_report(tmp_path):
   out = str(tmp_path / 'demo')
@@ -81,3 +133,42 @@ def test_demo_methods_add_lora_promot_and_multitask_promot_columns(tmp_path, cap
     assert all(v is not None for v in report['norm_avg'][method].values())
   assert cli.main(['demo', '--methods', 'lora,bogus', '--out_dir', out]) == 2
   assert 'bogus' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    'Not reached on the 0.25M-parameter demo model: ProMoT keeps about half of the pretrained '
+    'in-context Norm. Avg., not 80% (README, "What it shows"). strict: this fails once the '
+    'targets are met, so the README and this marker get updated.'))
+def test_full_demo_over_three_seeds_meets_the_targets(tmp_path):
+  """`promot demo --seeds 3` as shipped: every target of demo.TARGETS, on the mean over the
+  seeds, and the same numbers as a second report of the same output directory."""
+  out = str(tmp_path / 'demo')
+  run = demo.Demo(out, seeds=3)
+  built = run.run()
+  assert len(built['seeds']) == 3
+  missed = [(text, value) for text, value, _, _, met in run.targets if not met]
+  assert not missed, missed
+
+
+def _report(pre, ft, promot, ft_acc=100.0, promot_acc=99.0, ft_rate=0.6, promot_rate=0.0):
+  def history(rate):
+    return {'history': [{'step': 100, 'format/a': rate, 'format/b': rate}]}
+  return {'shots': ['1shot', '4shot'],
+          'norm_avg': {'Pretrained': {'1shot': pre, '4shot': pre},
+                       'Fine-tuning': {'1shot': ft, '4shot': ft},
+                       'ProMoT': {'1shot': promot, '4shot': promot}},
+          'finetuned': {'Fine-tuning': {'score': ft_acc}, 'ProMoT': {'score': promot_acc}},
+          'sources': {'Fine-tuning': '/r/finetune/checkpoint_100',
+                      'ProMoT': '/r/model_tuning/checkpoint_100'},
+          'histories': {'Fine-tuning': history(ft_rate), 'ProMoT': history(promot_rate)}}
+
+
+def test_targets_are_checked_on_the_mean_over_seeds():
+  met = demo.check_targets([_report(70, 14, 63), _report(70, 14, 56)])
+  assert [m for *_, m in met] == [True] * 5
+  assert met[0][1] == pytest.approx(85.0)         # ProMoT: (90% + 80%) / 2 of pretrained
+  missed = demo.check_targets([_report(70, 35, 49, promot_acc=90.0, ft_rate=0.4,
+                                       promot_rate=0.1)])
+  assert [m for *_, m in missed] == [False] * 5
+  assert '[ ] ProMoT keeps' in demo.targets_text(missed)

@@ -105,3 +105,44 @@ def test_history_keeps_the_last_line_of_a_step_and_skips_a_torn_line(tmp_path):
       '{"step": 20, "a": 1}\n{"step": 10, "a": 2}\n{"step": 20, "a": 3}\n{"step": 30, "a"')
   assert read_history(str(tmp_path)) == [{'step': 10, 'a': 2}, {'step': 20, 'a': 3}]
   assert read_history(str(tmp_path / 'missing')) == []
+
+
+def _seed_results(root, ft_rev, promot_rev, cosine=None):
+  """Pretrained, Fine-tuning and ProMoT results of one seed (histories at step 20)."""
+  grid = lambda a: {('rev', 1): (a, 0.0), ('rev', 4): (a + 10, 0.0)}  # noqa: E731
+  history = [{'step': 20, 'format/rev_1shot': 0.5}]
+  paths = [_write_results(root, 'pretrain', grid(50), 50.0, False),
+           _write_results(root, 'finetune', grid(ft_rev), 96.0, False, history=history),
+           _write_results(root, 'model_tuning', grid(promot_rev), 94.0, True, history=history)]
+  if cosine:
+    with open(os.path.join(root, 'run', 'finetune', report.COSINE_FILE), 'w') as f:
+      json.dump({'cosine': cosine}, f)
+  return paths
+
+
+def test_gradient_cosine_is_read_with_the_format_history_and_charted(tmp_path):
+  paths = _seed_results(str(tmp_path), 10, 40, cosine={'0': 0.998, '20': 0.0412})
+  built = report.build(report.load_results(paths))
+  assert built['histories']['Fine-tuning']['cosine'] == {'0': 0.998, '20': 0.0412}
+  assert built['histories']['ProMoT']['cosine'] == {}
+  text = report.markdown(built)
+  assert '| gradient cosine | 0.041 |' in text and "stage's start: 0.998" in text
+  report.write(built, str(tmp_path / 'out'))
+  assert os.path.getsize(tmp_path / 'out' / 'report.png') > 10_000
+
+
+def test_seeds_combine_into_means_with_every_seed_and_its_ordering(tmp_path):
+  reports = [report.build(report.load_results(_seed_results(str(tmp_path / str(s)), ft, pm)))
+             for s, (ft, pm) in enumerate([(10, 40), (30, 20)])]
+  built = report.combine(reports, [0, 1])
+  assert built['norm_avg']['Fine-tuning'] == {'1shot': 20.0, '4shot': 30.0}
+  assert built['norm_avg']['ProMoT'] == {'1shot': 30.0, '4shot': 40.0}
+  assert built['spread']['ProMoT'] == {'1shot': [20.0, 40.0], '4shot': [30.0, 50.0]}
+  assert built['in_context']['rev']['ProMoT'] == {'1shot': 30.0, '4shot': 40.0}
+  assert built['finetuned']['ProMoT']['score'] == 94.0
+  assert [s['norm_avg']['ProMoT']['1shot'] for s in built['seeds']] == [40.0, 20.0]
+  text = report.markdown(built)
+  assert '- seed 0: 1-shot Pretrained > ProMoT > Fine-tuning' in text
+  assert '- seed 1: 1-shot Pretrained > Fine-tuning > ProMoT' in text
+  assert '| 1 | Norm. Avg. | 50.00 / 60.00 | 30.00 / 40.00 | 20.00 / 30.00 |' in text
+  assert '| 1-shot | 50.00–50.00 | 10.00–30.00 | 20.00–40.00 |' in text

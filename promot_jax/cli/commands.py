@@ -158,6 +158,11 @@ def add_demo(subparsers) -> None:
   p.add_argument('--methods', default='', metavar='M[,M]',
                  help='also run these (comma-separated): lora (LoRA-ProMoT), multitask '
                       '(multi-task ProMoT); each adds about as much time as ProMoT')
+  p.add_argument('--seeds', type=int, default=1,
+                 help='fine-tune with seeds 0..N-1 (default 1); the report is their mean, with '
+                      'every seed\'s numbers')
+  p.add_argument('--redo', action='store_true',
+                 help='remake parts of OUT_DIR made by other code or settings (default: refuse)')
   p.add_argument('--quick', action='store_true', help='a few steps of everything (a smoke test)')
 
 

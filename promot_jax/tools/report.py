@@ -13,7 +13,9 @@ joint -> Joint). Written to DIR:
                 the paper's tables), then the format-specialization rates in the same layout
   report.png    in-context score per task per method (1-shot, 4-shot), and the format-
                 specialization rate over training steps (from MODEL_DIR/<stage>/metrics.jsonl
-                of the checkpoints' stages, when their runs had FORMAT_PROBE_TASKS)
+                of the checkpoints' stages, when their runs had FORMAT_PROBE_TASKS) with the
+                format-gradient cosine at the same steps (MODEL_DIR/<stage>/
+                gradient_cosine.json, where `promot demo` measured it)
   results.json  everything above as data
 """
 
@@ -34,6 +36,7 @@ from promot_jax.train import methods
 METHOD_OF_STAGE = {'pretrain': 'Pretrained', 'pretrained': 'Pretrained', 'finetune': 'Fine-tuning',
                    'prompt_tuning': 'Prompt tuning', 'model_tuning': 'ProMoT', 'joint': 'Joint'}
 METHOD_ORDER = methods.ORDER
+COSINE_FILE = 'gradient_cosine.json'   # written by promot demo (tools/demo.py)
 
 
 def base_task(name: str) -> str:
@@ -132,13 +135,78 @@ def build(loaded: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     stage_dir = _stage_dir(results)
     if stage_dir:
       history = [h for h in read_history(stage_dir) if any(k.startswith('format/') for k in h)]
-      if history:
-        histories[method] = {'stage_dir': stage_dir, 'history': history}
+      cosine = read_cosine(stage_dir)
+      if history or cosine:
+        histories[method] = {'stage_dir': stage_dir, 'history': history, 'cosine': cosine}
   return {'methods': methods, 'finetuned_task': finetuned, 'finetuned': finetuned_scores,
           'finetuned_by_task': by_task,
           'shots': [f'{s}shot' for s in shots], 'tasks': rows, 'metrics': metric_of,
           'in_context': icl, 'format_rate': fmt, 'norm_avg': averages, 'histories': histories,
           'sources': {m: r['checkpoint'].get('resolved') for m, r in loaded}}
+
+
+def read_cosine(stage_dir: str) -> dict[str, float]:
+  """{step: format-gradient cosine} of a stage, if it was measured (`promot demo`)."""
+  try:
+    with open(os.path.join(stage_dir, COSINE_FILE)) as f:
+      return {str(k): v for k, v in json.load(f).get('cosine', {}).items()}
+  except (OSError, json.JSONDecodeError):
+    return {}
+
+
+def combine(reports: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+  """One report from several seeds' reports of the same methods: every score is the mean over
+  the seeds; 'seeds' keeps each seed's fine-tuned scores, Norm. Avg. and format-rate range,
+  'spread' the min and max of Norm. Avg. over the seeds; the training curves are seed 0's."""
+  first = reports[0]
+
+  def mean(values):
+    values = [v for v in values]
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+  def grid(key):
+    return {t: {m: {k: mean([r[key][t].get(m, {}).get(k) for r in reports])
+                    for k in first['shots']} for m in first['methods']} for t in first['tasks']}
+
+  by_task = {task: {m: dict(score, score=mean([r['finetuned_by_task'].get(task, {}).get(m, {})
+                                                .get('score') for r in reports]))
+                    for m, score in scores.items()}
+             for task, scores in first['finetuned_by_task'].items()}
+  finetuned = {m: dict(score, score=mean([r['finetuned'].get(m, {}).get('score')
+                                          for r in reports]))
+               for m, score in first['finetuned'].items()}
+  norm = {m: {k: mean([r['norm_avg'][m][k] for r in reports]) for k in first['shots']}
+          for m in first['methods']}
+  spread = {m: {k: [min(r['norm_avg'][m][k] for r in reports),
+                    max(r['norm_avg'][m][k] for r in reports)]
+                for k in first['shots'] if all(r['norm_avg'][m][k] is not None for r in reports)}
+            for m in first['methods']}
+  per_seed = [{'seed': seed, 'norm_avg': r['norm_avg'],
+               'finetuned': {m: f.get('score') for m, f in r['finetuned'].items()},
+               'format_range': format_ranges(r), 'sources': r['sources']}
+              for seed, r in zip(seeds, reports)]
+  return dict(first, finetuned=finetuned, finetuned_by_task=by_task, in_context=grid('in_context'),
+              format_rate=grid('format_rate'), norm_avg=norm, spread=spread, seeds=per_seed)
+
+
+def format_ranges(report: Mapping[str, Any]) -> dict[str, dict[str, list]]:
+  """{method: {shots: [min, max]}} of the format rates over the in-context tasks."""
+  out = {}
+  for m in report['methods']:
+    out[m] = {}
+    for k in report['shots']:
+      rates = [report['format_rate'][t].get(m, {}).get(k) for t in report['tasks']]
+      rates = [r for r in rates if r is not None]
+      if rates:
+        out[m][k] = [min(rates), max(rates)]
+  return out
+
+
+def ordering(norm_avg: Mapping[str, Mapping[str, Optional[float]]], shots: str) -> str:
+  """'Pretrained > ProMoT > ...' by Norm. Avg. at one shot count."""
+  scored = sorted(((v[shots], m) for m, v in norm_avg.items() if v.get(shots) is not None),
+                  key=lambda vm: -vm[0])
+  return ' > '.join(m for _, m in scored)
 
 
 def _cell(values: Mapping[str, Optional[float]], shots: Sequence[str]) -> str:
@@ -186,9 +254,52 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines.append('|---|' + '---|' * len(h['history']))
     lines.append('| format rate | ' + ' | '.join(
         f'{100 * _mean_format(row):.1f}' for row in h['history']) + ' |')
+    cosine = h.get('cosine') or {}
+    if cosine:
+      lines.append('| gradient cosine | ' + ' | '.join(
+          '-' if cosine.get(str(row['step'])) is None else f'{cosine[str(row["step"])]:.3f}'
+          for row in h['history']) + ' |')
+      if '0' in cosine:
+        lines.append(f'\nFormat-gradient cosine (real vs label-shuffled gradient, last decoder '
+                     f'layer) at the stage\'s start: {cosine["0"]:.3f}.')
+  if report.get('seeds'):
+    lines += seed_lines(report)
+  if report.get('targets'):   # promot demo: what the demo is meant to show
+    lines += ['', '## Targets (promot demo; mean over the seeds)', ''] + [
+        f'- [{"x" if t["met"] else " "}] {t["target"]}: '
+        f'{"-" if t["value"] is None else format(t["value"], ".1f")} '
+        f'(target {t["comparison"]} {t["threshold"]:g})' for t in report['targets']]
   lines += ['', 'Norm. Avg. is the plain mean of the in-context scores. Sources: '] + [
       f'- {m}: `{src}`' for m, src in report['sources'].items()]
   return '\n'.join(lines) + '\n'
+
+
+def seed_lines(report: Mapping[str, Any]) -> list[str]:
+  """The per-seed section of a combined report (`combine`)."""
+  methods, shots = report['methods'], report['shots']
+  seeds = report['seeds']
+  lines = ['', f'## Every seed ({len(seeds)} fine-tuning seeds; the tables above are their mean)',
+           '', '| seed | quantity | ' + ' | '.join(methods) + ' |', '|---|---|' + '---|' * len(methods)]
+  for s in seeds:
+    lines.append(f'| {s["seed"]} | fine-tuned task | ' + ' | '.join(
+        '-' if s['finetuned'].get(m) is None else f'{s["finetuned"][m]:.2f}' for m in methods) + ' |')
+    lines.append(f'| {s["seed"]} | Norm. Avg. | ' + ' | '.join(
+        _cell(s['norm_avg'][m], shots) for m in methods) + ' |')
+    lines.append(f'| {s["seed"]} | format rate range | ' + ' | '.join(
+        ' / '.join('-' if k not in s['format_range'].get(m, {}) else
+                   '{:.0f}–{:.0f}'.format(*s['format_range'][m][k]) for k in shots)
+        for m in methods) + ' |')
+  lines += ['', 'Ordering by Norm. Avg. per seed:', '']
+  for s in seeds:
+    lines.append(f'- seed {s["seed"]}: ' + '; '.join(
+        f'{k.replace("shot", "-shot")} {ordering(s["norm_avg"], k)}' for k in shots))
+  lines += ['', '| Norm. Avg. over seeds (min–max) | ' + ' | '.join(methods) + ' |',
+            '|---|' + '---|' * len(methods)]
+  for k in shots:
+    lines.append(f'| {k.replace("shot", "-shot")} | ' + ' | '.join(
+        '-' if k not in report['spread'].get(m, {}) else
+        '{:.2f}–{:.2f}'.format(*report['spread'][m][k]) for m in methods) + ' |')
+  return lines
 
 
 def _mean_format(row: Mapping[str, Any]) -> float:
@@ -225,15 +336,30 @@ def chart(report: Mapping[str, Any], path: str) -> None:
     axes[0, 0].set_axis_off()
   if report['histories']:
     ax = axes[-1, 0]
+    twin = None
     for method, h in report['histories'].items():
       steps = [row['step'] for row in h['history']]
-      ax.plot(steps, [100 * _mean_format(row) for row in h['history']], marker='o', label=method,
-              color=colors.get(method))
+      ax.plot(steps, [100 * _mean_format(row) for row in h['history']], marker='o',
+              label=f'{method}: format rate', color=colors.get(method))
+      if h.get('cosine'):
+        twin = twin or ax.twinx()
+        points = sorted((int(k), v) for k, v in h['cosine'].items() if v is not None)
+        twin.plot([p[0] for p in points], [p[1] for p in points], marker='s', linestyle='--',
+                  label=f'{method}: gradient cosine', color=colors.get(method))
     ax.set_xlabel('training step')
-    ax.set_ylabel('% outputs in label set')
+    ax.set_ylabel('% outputs in label set (solid)')
     ax.set_ylim(-2, 102)
-    ax.set_title('Format specialization during training (in-context probes, no prompt)')
-    ax.legend(fontsize=8)
+    ax.set_title('Format specialization during training: in-context probes without the prompt '
+                 '(solid), format-gradient cosine (dashed)' if twin else
+                 'Format specialization during training (in-context probes, no prompt)',
+                 fontsize=9)
+    handles, names = ax.get_legend_handles_labels()
+    if twin:
+      twin.set_ylabel('cosine(real, label-shuffled gradient) (dashed)')
+      twin.set_ylim(-0.05, 1.05)
+      more = twin.get_legend_handles_labels()
+      handles, names = handles + more[0], names + more[1]
+    ax.legend(handles, names, fontsize=7, loc='center right')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -243,7 +369,11 @@ def write_report(paths: Sequence[str], out_dir: str) -> dict[str, Any]:
   """Read results files, write report.md / report.png / results.json to `out_dir`."""
   if not paths:
     raise ValueError('promot report needs at least one results.json (from promot eval).')
-  report = build(load_results(paths))
+  return write(build(load_results(paths)), out_dir)
+
+
+def write(report: Mapping[str, Any], out_dir: str) -> Mapping[str, Any]:
+  """report.md / report.png / results.json of a built (or combined) report in `out_dir`."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'report.md'), 'w') as f:
     f.write(markdown(report))
