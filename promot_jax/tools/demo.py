@@ -8,7 +8,7 @@ a real run is composed:
 
   a) pretrain     runs/demo/pretrain.gin   a tiny T5 learns six string tasks in context
                   (only with --pretrain; otherwise the shipped demo/pretrained/ is used)
-  b) finetune     runs/demo/finetune.gin   standard fine-tuning on 'Is it sorted?' (True/False)
+  b) finetune     runs/demo/finetune.gin   standard fine-tuning on 'Does it contain a?' (True/False)
      promot       runs/demo/promot.gin     stage 1 prompt tuning (also the prompt-tuning
                                            baseline), stage 2 model tuning with the prompt
      --methods    runs/demo/lora_promot.gin       optional: LoRA-ProMoT (rank-4 adapters)

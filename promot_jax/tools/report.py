@@ -336,7 +336,7 @@ def chart(report: Mapping[str, Any], path: str) -> None:
     axes[0, 0].set_axis_off()
   if report['histories']:
     ax = axes[-1, 0]
-    twin = None
+    twin, lowest = None, 0.0
     for method, h in report['histories'].items():
       steps = [row['step'] for row in h['history']]
       ax.plot(steps, [100 * _mean_format(row) for row in h['history']], marker='o',
@@ -344,6 +344,7 @@ def chart(report: Mapping[str, Any], path: str) -> None:
       if h.get('cosine'):
         twin = twin or ax.twinx()
         points = sorted((int(k), v) for k, v in h['cosine'].items() if v is not None)
+        lowest = min([lowest] + [p[1] for p in points])
         twin.plot([p[0] for p in points], [p[1] for p in points], marker='s', linestyle='--',
                   label=f'{method}: gradient cosine', color=colors.get(method))
     ax.set_xlabel('training step')
@@ -356,7 +357,7 @@ def chart(report: Mapping[str, Any], path: str) -> None:
     handles, names = ax.get_legend_handles_labels()
     if twin:
       twin.set_ylabel('cosine(real, label-shuffled gradient) (dashed)')
-      twin.set_ylim(-0.05, 1.05)
+      twin.set_ylim(lowest - 0.05, 1.05)
       more = twin.get_legend_handles_labels()
       handles, names = handles + more[0], names + more[1]
     ax.legend(handles, names, fontsize=7, loc='center right')
