@@ -4,6 +4,7 @@ the reproduction of the shipped model by `promot demo --pretrain` (slow)."""
 import json
 import os
 
+import jax
 import pytest
 
 from promot_jax import cli
@@ -29,9 +30,28 @@ def test_missing_pretrained_model_is_a_clear_error(tmp_path, capsys):
   assert 'nope' in capsys.readouterr().err
 
 
-# A few steps of every part, a few eval examples: what CI can afford to run twice.
+# A few steps of every part, a few eval examples, the 1-shot tasks: what CI can afford to run
+# several times.
 TINY = ['--gin.FINETUNE_STEPS=4', '--gin.PROMPT_TUNING_STEPS=4', '--gin.MODEL_TUNING_STEPS=4',
-        '--gin.MODEL_CHECKPOINT_PERIOD=2', '--gin.PROMPT_CHECKPOINT_PERIOD=2']
+        '--gin.MODEL_CHECKPOINT_PERIOD=2', '--gin.PROMPT_CHECKPOINT_PERIOD=2',
+        "--gin.ICL_TASKS=['synth_icl_1shot']"]
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """A persistent XLA compilation cache for this test only: the repeated runs reuse the first
+  one's executables (same code, so the same numbers), which halves their time."""
+  from jax._src import compilation_cache as cache
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  old = {name: getattr(jax.config, name) for name in names}
+  for name, value in zip(names, (str(tmp_path / 'xla_cache'), 0.0, 0)):
+    jax.config.update(name, value)
+  cache.reset_cache()
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+  cache.reset_cache()
 
 
 def _without_paths(value):
@@ -44,7 +64,7 @@ def _without_paths(value):
   return value
 
 
-def test_demo_is_deterministic_and_never_reuses_a_part_made_otherwise(tmp_path):
+def test_demo_is_deterministic_and_never_reuses_a_part_made_otherwise(tmp_path, compilation_cache):
   """Two runs of the (shortened) demo give the same report to the last digit: scores, format
   rates, training curves and gradient cosines. A rerun with other settings refuses to reuse a
   trained part unless told to remake it; evaluations made otherwise are remade by themselves."""
@@ -135,20 +155,21 @@ def test_demo_methods_add_lora_promot_and_multitask_promot_columns(tmp_path, cap
   assert 'bogus' in capsys.readouterr().err
 
 
+# The one target the shipped demo does not reach (README, "What was tried"): fine-tuning's kept
+# checkpoint (the first at 100%, step 900 of 1000) answers True/False on about 23% of the probes.
+NOT_REACHED = ['fine-tuning answers in the label set >= 50% on the probe tasks (kept checkpoint)']
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    'Not reached on the 0.25M-parameter demo model: ProMoT keeps about half of the pretrained '
-    'in-context Norm. Avg., not 80% (README, "What it shows"). strict: this fails once the '
-    'targets are met, so the README and this marker get updated.'))
 def test_full_demo_over_three_seeds_meets_the_targets(tmp_path):
-  """`promot demo --seeds 3` as shipped: every target of demo.TARGETS, on the mean over the
-  seeds, and the same numbers as a second report of the same output directory."""
-  out = str(tmp_path / 'demo')
-  run = demo.Demo(out, seeds=3)
+  """`promot demo --seeds 3` as shipped: every target of demo.TARGETS on the mean over the
+  seeds, but for the one the README reports as not reached (this fails when that changes, so
+  the README gets updated)."""
+  run = demo.Demo(str(tmp_path / 'demo'), seeds=3)
   built = run.run()
   assert len(built['seeds']) == 3
-  missed = [(text, value) for text, value, _, _, met in run.targets if not met]
-  assert not missed, missed
+  missed = [text for text, value, _, _, met in run.targets if not met]
+  assert missed == NOT_REACHED, run.targets
 
 
 def _report(pre, ft, promot, ft_acc=100.0, promot_acc=99.0, ft_rate=0.6, promot_rate=0.0):

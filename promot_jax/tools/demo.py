@@ -379,7 +379,7 @@ TARGETS = (
      'ProMoT', 'relative_norm_avg_min', '>=', 80.0),
     ('fine-tuning keeps <= 40% of it (1 and 4 shots)',
      'Fine-tuning', 'relative_norm_avg_max', '<=', 40.0),
-    ("ProMoT's fine-tuned-task accuracy within 2 points of fine-tuning's",
+    ("ProMoT's fine-tuned-task accuracy at most 2 points below fine-tuning's",
      'ProMoT', 'finetuned_gap', '<=', 2.0),
     ('fine-tuning answers in the label set >= 50% on the probe tasks (kept checkpoint)',
      'Fine-tuning', 'probe_format_rate', '>=', 50.0),
