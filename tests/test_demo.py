@@ -155,21 +155,27 @@ def test_demo_methods_add_lora_promot_and_multitask_promot_columns(tmp_path, cap
   assert 'bogus' in capsys.readouterr().err
 
 
-# The one target the shipped demo does not reach (README, "What was tried"): fine-tuning's kept
-# checkpoint (the first at 100%, step 900 of 1000) answers True/False on about 23% of the probes.
-NOT_REACHED = ['fine-tuning answers in the label set >= 50% on the probe tasks (kept checkpoint)']
+# The targets the shipped demo does not reach on the mean over seeds 0-2 (README, "Three
+# seeds"): at 1e-3 fine-tuning with seed 2 does not learn the task in 1000 steps, so its kept
+# checkpoint is barely tuned (in-context 48 / 51); the others keep step 900, whose probes answer
+# True/False about 23% of the time, not 50%.
+NOT_REACHED = ['fine-tuning keeps <= 40% of it (1 and 4 shots)',
+               'fine-tuning answers in the label set >= 50% on the probe tasks (kept checkpoint)']
 
 
 @pytest.mark.slow
 def test_full_demo_over_three_seeds_meets_the_targets(tmp_path):
   """`promot demo --seeds 3` as shipped: every target of demo.TARGETS on the mean over the
-  seeds, but for the one the README reports as not reached (this fails when that changes, so
-  the README gets updated)."""
+  seeds, but for those the README reports as not reached (this fails when that changes, so
+  the README gets updated), and ProMoT ahead of fine-tuning in context on every seed."""
   run = demo.Demo(str(tmp_path / 'demo'), seeds=3)
   built = run.run()
   assert len(built['seeds']) == 3
   missed = [text for text, value, _, _, met in run.targets if not met]
   assert missed == NOT_REACHED, run.targets
+  for seed in built['seeds']:
+    for shots in ('1shot', '4shot'):
+      assert seed['norm_avg']['ProMoT'][shots] > seed['norm_avg']['Fine-tuning'][shots], seed
 
 
 def _report(pre, ft, promot, ft_acc=100.0, promot_acc=99.0, ft_rate=0.6, promot_rate=0.0):
