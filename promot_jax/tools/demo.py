@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -46,7 +47,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-import promot_jax
 from promot_jax import resources, tree_util
 from promot_jax.checkpoints import loading, orbax_io, resolve
 from promot_jax.eval import registry, suite, task as eval_task
@@ -95,12 +95,20 @@ class StalePartError(RuntimeError):
   exit_code = 2
 
 
+def package_dir(name: str) -> str:
+  """Where package `name` lives, found without importing it (the library does not import the
+  task modules; their source is only read here, for the fingerprint)."""
+  spec = importlib.util.find_spec(name)
+  if spec is None or not spec.submodule_search_locations:
+    raise RuntimeError(f'Package {name!r} is not installed; `pip install -e .` installs it.')
+  return os.path.abspath(list(spec.submodule_search_locations)[0])
+
+
 @functools.lru_cache(maxsize=None)
 def code_fingerprint() -> str:
   """A digest of every source and gin file that decides the demo's numbers."""
-  import promot_tasks   # the tasks package (tasks/ in a checkout)
-  roots = {'promot_jax': os.path.dirname(promot_jax.__file__),
-           'promot_tasks': os.path.dirname(promot_tasks.__file__), 'gin': resources.gin_dir()}
+  roots = {name: package_dir(name) for name in CODE_ROOTS}
+  roots['gin'] = resources.gin_dir()
   digest = hashlib.sha256()
   for name, root in roots.items():
     for dirpath, dirnames, files in os.walk(root):
