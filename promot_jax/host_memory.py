@@ -58,13 +58,13 @@ def hugepage_environment(environ: Mapping[str, str], libc: tuple[str, str],
 
 
 def reexec_with_hugepages(argv: Sequence[str]) -> None:
-  """Replace this process by `python -m promot_jax.cli.app ARGV` with the tunable (or return)."""
+  """Replace this process by `python -m promot_jax.cli ARGV` with the tunable (or return)."""
   env = hugepage_environment(os.environ, platform.libc_ver(), thp_mode(), platform.system())
   if env is None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
   try:
-    os.execve(sys.executable, [sys.executable, '-m', 'promot_jax.cli.app', *argv], env)
+    os.execve(sys.executable, [sys.executable, '-m', 'promot_jax.cli', *argv], env)
   except OSError:
     return          # could not re-execute: run on without huge pages

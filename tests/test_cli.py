@@ -90,7 +90,7 @@ def test_bad_inputs_are_clear_errors(t5x_dir, tmp_path, capsys):
 
 def test_smoke_command_runs_tiny_model(tmp_path):
   out = tmp_path / 'smoke.json'
-  proc = subprocess.run([sys.executable, '-m', 'promot_jax.cli.app', 'smoke', '--model', 'mt5_tiny',
+  proc = subprocess.run([sys.executable, '-m', 'promot_jax.cli', 'smoke', '--model', 'mt5_tiny',
                          '--prompt_length', '4', '--input_length', '16', '--json', str(out)],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr

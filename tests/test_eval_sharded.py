@@ -47,7 +47,7 @@ def checkpoint(tmp_path_factory):
 
 
 def promot_eval(out_dir, ckpt, devices=1, *extra):
-  cmd = [sys.executable, '-m', 'promot_jax.cli.app', 'eval', *EVAL, '--checkpoint', ckpt,
+  cmd = [sys.executable, '-m', 'promot_jax.cli', 'eval', *EVAL, '--checkpoint', ckpt,
          '--out_dir', str(out_dir), *extra]
   proc = subprocess.run(cmd, env=environment(devices), capture_output=True, text=True,
                         timeout=TIMEOUT_S)
@@ -175,7 +175,7 @@ def test_every_format_is_read_into_the_mesh_shardings(formats, checkpoint, fmt):
 
 def diagnose(tmp_path, ckpt, devices, partitions):
   out = tmp_path / f'diagnose_{devices}_{partitions}.json'
-  cmd = [sys.executable, '-m', 'promot_jax.cli.app', 'diagnose', '--gin_file',
+  cmd = [sys.executable, '-m', 'promot_jax.cli', 'diagnose', '--gin_file',
          'runs/promot_tiny_cpu.gin', '--checkpoint', ckpt, '--num_batches', '2',
          '--json', str(out), f'--gin.NUM_PARTITIONS={partitions}',
          '--gin.config.T5Config.num_heads=8', '--gin.config.T5Config.head_dim=4']

@@ -43,7 +43,7 @@ def env_for(url):
 
 
 def promot(url, *args, check=True):
-  proc = subprocess.run([sys.executable, '-m', 'promot_jax.cli.app', *map(str, args)],
+  proc = subprocess.run([sys.executable, '-m', 'promot_jax.cli', *map(str, args)],
                         env=env_for(url), capture_output=True, text=True, timeout=TIMEOUT_S)
   if check:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -74,7 +74,7 @@ def test_a_run_on_gs_stopped_and_resumed_equals_the_same_run_on_local_disk(emula
   promot(emulator, 'run', f'--gin_file={RUN}', f"--gin.MODEL_DIR='{local}'", *FLAGS)
 
   remote = 'gs://bucket/runs/tiny'
-  cmd = [sys.executable, '-m', 'promot_jax.cli.app', 'run', f'--gin_file={RUN}',
+  cmd = [sys.executable, '-m', 'promot_jax.cli', 'run', f'--gin_file={RUN}',
          f"--gin.MODEL_DIR='{remote}'", *FLAGS]
   proc = subprocess.Popen(cmd, env=env_for(emulator), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

@@ -31,7 +31,7 @@ TIMEOUT_S = 600
 
 
 def command(model_dir, processes, devices, partitions, *extra):
-  return [sys.executable, '-m', 'promot_jax.cli.app', 'run', f'--gin_file={RUN}',
+  return [sys.executable, '-m', 'promot_jax.cli', 'run', f'--gin_file={RUN}',
           f"--gin.MODEL_DIR='{model_dir}'", f'--gin.NUM_PARTITIONS={partitions}', *FLAGS,
           '--local_processes', str(processes), '--local_devices', str(devices), *extra]
 

@@ -35,7 +35,7 @@ def test_sigterm_mid_stage_checkpoints_and_the_rerun_resumes_exactly(tmp_path, p
   assert cli.main(['train', *flags(straight, pretrained.path)]) == 0
 
   stopped = tmp_path / 'stopped'
-  proc = subprocess.Popen([sys.executable, '-m', 'promot_jax.cli.app', 'train',
+  proc = subprocess.Popen([sys.executable, '-m', 'promot_jax.cli', 'train',
                            *flags(stopped, pretrained.path)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
@@ -88,7 +88,7 @@ def test_sigterm_right_after_stage1_then_the_rerun_equals_an_uninterrupted_run(t
   assert cli.main(['run', *run_flags(straight, pretrained.path)]) == 0
 
   stopped = tmp_path / 'stopped'
-  command = [sys.executable, '-m', 'promot_jax.cli.app', 'run', *run_flags(stopped, pretrained.path)]
+  command = [sys.executable, '-m', 'promot_jax.cli', 'run', *run_flags(stopped, pretrained.path)]
   with open(tmp_path / 'stderr.txt', 'w') as stderr:   # a file: a full pipe cannot block it
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
     for line in proc.stdout:                  # stage 1 prints this after writing done.json

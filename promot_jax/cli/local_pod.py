@@ -65,7 +65,7 @@ def launch(argv: Sequence[str], processes: int, devices: int, model_dir: Optiona
   os.makedirs(logs, exist_ok=True)
   port = free_port()
   env = child_environment(devices)
-  base = [sys.executable, '-m', 'promot_jax.cli.app', *argv]
+  base = [sys.executable, '-m', 'promot_jax.cli', *argv]
   if processes > 1:
     base += ['--gin.DISTRIBUTED=True', f"--gin.COORDINATOR_ADDRESS='127.0.0.1:{port}'",
              f'--gin.NUM_PROCESSES={processes}']
