@@ -146,3 +146,56 @@ def test_nonfinite_policy_skip_drops_the_batches_and_leaves_state_untouched(tmp_
   # every step was skipped: the optimizer never touched the (NaN) prompt
   assert code == 0
   assert np.isnan(final_params(tmp_path / 'skip', 3)['prompt/prompt']).all()
+
+
+def poison_train_batch(monkeypatch, at):
+  """The `at`-th training batch (step `at`) gets NaN loss weights: that step alone is non-finite."""
+  from promot_jax.train import loop
+  real = loop.data.make_batch_iterator
+
+  class Poisoned:
+    def __init__(self, inner):
+      self.inner, self.count = inner, 0
+
+    def __next__(self):
+      batch, self.count = next(self.inner), self.count + 1
+      if self.count == at:
+        batch = dict(batch, decoder_loss_weights=np.full(batch['decoder_loss_weights'].shape,
+                                                         np.nan, np.float32))
+      return batch
+
+    def state(self):
+      return self.inner.state()
+
+  def make(*args, **kwargs):
+    it = real(*args, **kwargs)
+    return Poisoned(it) if args[2] == 'train' else it
+
+  monkeypatch.setattr(loop.data, 'make_batch_iterator', make)
+
+
+def test_a_nonfinite_step_mid_stage_is_found_though_read_one_step_late(tmp_path, pretrained,
+                                                                       monkeypatch, capsys):
+  """The trainer reads a step's finite flag after dispatching the next step: step 4's NaN (no
+  log or checkpoint at step 4 or 5) still stops the stage naming step 4, checkpoint 3 the last."""
+  poison_train_batch(monkeypatch, at=4)
+  code = cli.main(['train', *flags(tmp_path / 'stop', pretrained.path, '--gin.TRAIN_STEPS=6',
+                                   '--gin.PROMPT_CHECKPOINT_PERIOD=3', '--gin.LOG_EVERY=100')])
+  assert code == 3
+  assert 'non-finite loss or gradient at step 4' in capsys.readouterr().err
+  saved = sorted(n for n in os.listdir(tmp_path / 'stop' / 'prompt_tuning')
+                 if n.startswith('checkpoint_'))
+  assert saved == ['checkpoint_3']
+
+
+def test_a_skipped_nonfinite_step_is_never_applied(tmp_path, pretrained, monkeypatch, capsys):
+  poison_train_batch(monkeypatch, at=2)
+  code = cli.main(['train', *flags(tmp_path / 'skip', pretrained.path, '--gin.TRAIN_STEPS=3',
+                                   "--gin.NONFINITE_POLICY='skip'",
+                                   '--gin.PROMPT_CHECKPOINT_PERIOD=1')])
+  assert code == 0
+  assert 'step 2: non-finite loss or gradient, batch skipped (1 so far)' in capsys.readouterr().out
+  after = [final_params(tmp_path / 'skip', step)['prompt/prompt'] for step in (1, 2, 3)]
+  assert np.isfinite(after[2]).all()
+  np.testing.assert_array_equal(after[1], after[0])      # step 2 left the prompt as it was
+  assert not np.array_equal(after[2], after[1])          # step 3 trained it

@@ -263,37 +263,58 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
                    '  '.join(f'{k.removeprefix("validation/")} {v:.4f}' for k, v in val.items()))
 
   skipped = 0
+
+  def check_finite(done: int, metrics: dict) -> None:
+    """Stop the stage (or count a skipped batch) when step `done` was non-finite; the step
+    itself left the state untouched (train/step.py)."""
+    nonlocal skipped
+    if bool(metrics['finite']):
+      return
+    if run.nonfinite_policy != 'skip':
+      raise TrainingError(
+          f'Stage {stage.name}: non-finite loss or gradient at step {done} (loss '
+          f'{float(metrics["loss"])}). Nothing was updated by that step; the last good '
+          f'checkpoint is {ckpts.path(ckpts.latest()) if ckpts.latest() else "(none yet)"}. '
+          "Lower the learning rate, check the data, or set NONFINITE_POLICY = 'skip'.")
+    skipped += 1
+    progress.log(f'step {done}: non-finite loss or gradient, batch skipped ({skipped} so far)')
+
   if start < stage.train_steps and stop.should_stop(start):  # signalled during the set-up
     raise _stopped_before(stage, start, stop.signal_name)
+  # The host never waits on the step it has just dispatched: it reads each step's `finite`
+  # flag one step late (after dispatching the next) and puts the next batch on the devices
+  # while the step runs. A non-finite step is still never applied (train/step.py), and it is
+  # checked before anything after it is logged or saved.
+  pending = None   # (step, metrics) dispatched last and not yet checked
+  batch = partitioning.global_batch_from_host(next(it), mesh) if start < stage.train_steps \
+      else None
   for step in range(start, stage.train_steps):
-    batch = partitioning.global_batch_from_host(next(it), mesh)
     state, metrics = step_fn(state, frozen, batch, rng)
     done = step + 1
-    if not bool(metrics['finite']):  # the step left the state untouched (train/step.py)
-      if run.nonfinite_policy != 'skip':
-        raise TrainingError(
-            f'Stage {stage.name}: non-finite loss or gradient at step {done} (loss '
-            f'{float(metrics["loss"])}). Nothing was updated by that step; the last good '
-            f'checkpoint is {ckpts.path(ckpts.latest()) if ckpts.latest() else "(none yet)"}. '
-            "Lower the learning rate, check the data, or set NONFINITE_POLICY = 'skip'.")
-      skipped += 1
-      progress.log(f'step {done}: non-finite loss or gradient, batch skipped ({skipped} so far)')
-    if done % run.log_every == 0 or done == stage.train_steps or \
-        done % stage.checkpoint_period == 0:
-      last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
-      progress.step(done, dict(last_metrics, skipped_batches=skipped), stage.learning_rate)
+    if pending:
+      check_finite(*pending)
+    pending = (done, metrics)
+    log_now = done % run.log_every == 0 or done == stage.train_steps or \
+        done % stage.checkpoint_period == 0
     # Every host asks at every step (a collective), so all stop after the same step.
     stopping = done < stage.train_steps and stop.should_stop(done)
-    if done % stage.checkpoint_period == 0 or done == stage.train_steps:
-      checkpoint(done)
-    elif stopping:
-      checkpoint(done, validate_too=False)
+    save_now = done % stage.checkpoint_period == 0 or done == stage.train_steps
+    if log_now or save_now or stopping:
+      check_finite(*pending)
+      pending = None
+    if log_now:
+      last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
+      progress.step(done, dict(last_metrics, skipped_batches=skipped), stage.learning_rate)
+    if save_now or stopping:
+      checkpoint(done, validate_too=save_now)
     if stopping:
       progress.log(f'{stop.signal_name} received: stopped after step {done} with a checkpoint '
                    'at ' + ckpts.path(done))
       progress.close()
       raise Preempted(f'stage {stage.name} stopped at step {done}/{stage.train_steps} on '
                       f'{stop.signal_name}; run the same command again to resume.')
+    if done < stage.train_steps:   # after a checkpoint, whose data state counts `done` batches
+      batch = partitioning.global_batch_from_host(next(it), mesh)
   kept = ckpts.kept()
   ckpts.mark_done({'train_steps': stage.train_steps, 'kept': kept})
   progress.log(f'done; kept checkpoint {kept}')
