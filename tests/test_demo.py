@@ -155,12 +155,10 @@ def test_demo_methods_add_lora_promot_and_multitask_promot_columns(tmp_path, cap
   assert 'bogus' in capsys.readouterr().err
 
 
-# The targets the shipped demo does not reach on the mean over seeds 0-2 (README, "Three
-# seeds"): at 1e-3 fine-tuning with seed 2 does not learn the task in 1000 steps, so its kept
-# checkpoint is barely tuned (in-context 48 / 51); the others keep step 900, whose probes answer
-# True/False about 23% of the time, not 50%.
-NOT_REACHED = ['fine-tuning keeps <= 40% of it (1 and 4 shots)',
-               'fine-tuning answers in the label set >= 50% on the probe tasks (kept checkpoint)']
+# The target the shipped demo does not reach on the mean over seeds 0-2 (README, "Three
+# seeds"): keep-best keeps the first checkpoint that solves the task (steps 900, 900, 1100),
+# whose probes answer True/False 23-34% of the time, not 50%.
+NOT_REACHED = ['fine-tuning answers in the label set >= 50% on the probe tasks (kept checkpoint)']
 
 
 @pytest.mark.slow

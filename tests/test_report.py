@@ -146,3 +146,10 @@ def test_seeds_combine_into_means_with_every_seed_and_its_ordering(tmp_path):
   assert '- seed 1: 1-shot Pretrained > Fine-tuning > ProMoT' in text
   assert '| 1 | Norm. Avg. | 50.00 / 60.00 | 30.00 / 40.00 | 20.00 / 30.00 |' in text
   assert '| 1-shot | 50.00–50.00 | 10.00–30.00 | 20.00–40.00 |' in text
+
+
+def test_ordering_marks_ties_at_the_reports_precision():
+  norm_avg = {'Pretrained': {'1shot': 67.4501}, 'Prompt tuning': {'1shot': 67.4499},
+              'ProMoT': {'1shot': 65.73}, 'Fine-tuning': {'1shot': 16.6}}
+  assert report.ordering(norm_avg, '1shot') == \
+      'Pretrained = Prompt tuning > ProMoT > Fine-tuning'

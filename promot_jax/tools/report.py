@@ -203,10 +203,14 @@ def format_ranges(report: Mapping[str, Any]) -> dict[str, dict[str, list]]:
 
 
 def ordering(norm_avg: Mapping[str, Mapping[str, Optional[float]]], shots: str) -> str:
-  """'Pretrained > ProMoT > ...' by Norm. Avg. at one shot count."""
-  scored = sorted(((v[shots], m) for m, v in norm_avg.items() if v.get(shots) is not None),
-                  key=lambda vm: -vm[0])
-  return ' > '.join(m for _, m in scored)
+  """'Pretrained = Prompt tuning > ProMoT > ...' by Norm. Avg. at one shot count (= where the
+  two agree to the report's two decimals)."""
+  scored = sorted(((round(v[shots], 2), m) for m, v in norm_avg.items()
+                   if v.get(shots) is not None), key=lambda vm: -vm[0])
+  out = scored[0][1] if scored else ''
+  for (before, _), (value, m) in zip(scored, scored[1:]):
+    out += f' {"=" if value == before else ">"} {m}'
+  return out
 
 
 def _cell(values: Mapping[str, Optional[float]], shots: Sequence[str]) -> str:
@@ -330,7 +334,8 @@ def chart(report: Mapping[str, Any], path: str) -> None:
     ax.set_ylabel('score (0-100)')
     ax.set_ylim(0, 100)
     ax.set_title(f'In-context tasks, {k.replace("shot", "-shot")}, without the prompt')
-    ax.legend(fontsize=8, ncol=len(methods))
+    ax.legend(fontsize=8, ncol=len(methods), loc='upper center', bbox_to_anchor=(0.5, -0.2),
+              frameon=False)   # below the task names: no bar is hidden
   if not shots and not report['histories']:
     axes[0, 0].text(0.5, 0.5, 'No in-context task was evaluated.', ha='center', va='center')
     axes[0, 0].set_axis_off()
@@ -356,11 +361,12 @@ def chart(report: Mapping[str, Any], path: str) -> None:
                  fontsize=9)
     handles, names = ax.get_legend_handles_labels()
     if twin:
-      twin.set_ylabel('cosine(real, label-shuffled gradient) (dashed)')
+      twin.set_ylabel('gradient cosine (dashed)')
       twin.set_ylim(lowest - 0.05, 1.05)
       more = twin.get_legend_handles_labels()
       handles, names = handles + more[0], names + more[1]
-    ax.legend(handles, names, fontsize=7, loc='center right')
+    ax.legend(handles, names, fontsize=7, ncol=2, loc='upper center', bbox_to_anchor=(0.5, -0.16),
+              frameon=False)   # below the axis: no curve is hidden
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
