@@ -16,7 +16,7 @@ import re
 import pytest
 
 from promot_jax import cli, tree_util
-from promot_jax.tools.bench import common, jax_bench
+from promot_jax.tools.bench import common, floor, jax_bench
 from promot_jax.tools.bench.common import BenchConfig, CompileCounter, synthetic_batch
 
 # Shapes chosen so that no activation has the shape of a weight: tokens (3 * 11 encoder
@@ -115,6 +115,8 @@ def test_bench_quick_train_section(tmp_path, capsys):
     assert row['step_s'] > 0 and row['compile_s'] > 0 and row['tokens_per_s'] > 0
   assert result['ratios']['prompt_tuning / model_tuning'] > 0
   assert result['ratios']['finetune / hf_full_finetune'] is None   # --no-hf
+  for name in result['train']:
+    assert result['ratios'][f'{name} step / floor'] > 0
   assert 'ratio prompt_tuning / model_tuning' in capsys.readouterr().out
 
 
@@ -154,3 +156,36 @@ def test_synthetic_batch_has_no_padding_and_shifted_decoder_inputs():
   assert (b['encoder_input_tokens'] >= 2).all() and (b['decoder_target_tokens'] >= 2).all()
   assert (b['decoder_input_tokens'][:, 0] == 0).all()
   assert (b['decoder_input_tokens'][:, 1:] == b['decoder_target_tokens'][:, :-1]).all()
+
+
+def test_floor_finds_every_dot_of_a_program_with_its_flops():
+  import jax
+  import jax.numpy as jnp
+
+  def program(a, b, c, q, k):
+    h = jnp.tanh(a @ b)                                    # [64, 48] x [48, 80]
+    return h @ c, jnp.einsum('bqd,bkd->bqk', q, k)         # [64, 80] x [80, 16]; batched
+  args = [jnp.ones(s, jnp.float32) for s in ((64, 48), (48, 80), (80, 16), (3, 5, 8), (3, 7, 8))]
+  dots = floor.dots_of_hlo(jax.jit(program).lower(*args).compile().as_text())
+  assert sorted(d.flops for d in dots) == sorted([2 * 64 * 48 * 80, 2 * 64 * 80 * 16,
+                                                  2 * 3 * 5 * 7 * 8])
+  assert floor.time_dot(dots[0], repeats=1) > 0
+
+
+def test_floor_is_not_computed_for_a_dot_inside_a_loop():
+  import jax
+  import jax.numpy as jnp
+
+  def program(a, n):
+    return jax.lax.fori_loop(0, n, lambda i, x: jnp.tanh(x @ a), a)
+  compiled = jax.jit(program).lower(jnp.ones((16, 16)), 3).compile()
+  assert floor.dots_of_hlo(compiled.as_text()) is None
+  assert floor.matmul_floor(compiled) is None
+
+
+def test_floor_of_a_train_step_counts_its_matmul_flops(params, batch):
+  step = jax_bench.StageStep(SHAPES, jax_bench.stage_for('model_tuning'), params, batch)
+  found = floor.matmul_floor(step.compiled, repeats=1)
+  # the products are a part of XLA's count (which adds the elementwise work), and most of it
+  assert 0.5 * step.info()['xla_flops'] < found['dot_flops'] <= step.info()['xla_flops']
+  assert found['floor_s'] > 0 and found['dots'] >= found['distinct_shapes'] > 0

@@ -8,7 +8,9 @@ Sections (each a median over --repeats calls, compile time apart):
   train   seconds per step of prompt_tuning, model_tuning and finetune (the trainer's jitted
           step), tokens/s, optimizer-state bytes, XLA FLOPs and memory, peak host/device memory;
           transformers full fine-tuning and PEFT prompt tuning at the same shapes, run
-          round-robin with the promot_jax steps so every ratio comes from one run
+          round-robin with the promot_jax steps so every ratio comes from one run; each
+          step's matmul floor (bench/floor.py: its dots timed alone at their shapes) and
+          step / floor
   decode  greedy and beam search with the cache vs transformers' generate
   data    seqio input pipeline examples/s
   scan    stage 2's step unrolled vs scanned (SCAN_LAYERS): compile time and step time
@@ -26,7 +28,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from promot_jax.tools.bench import hf_bench, jax_bench, profile as profile_lib
+from promot_jax.tools.bench import floor as floor_lib, hf_bench, jax_bench, profile as profile_lib
 from promot_jax.tools.bench.common import (PRESETS, BenchConfig, Timer, reset_peak_rss,
                                            run_round_robin, synthetic_batch)
 
@@ -66,6 +68,8 @@ def ratios(result: dict) -> dict:
       'greedy / hf_greedy': _ratio(dec.get('promot_jax/greedy'), dec.get('hf/greedy')),
       f'{beam} / hf_{beam}': _ratio(dec.get(f'promot_jax/{beam}'), dec.get(f'hf/{beam}')),
   }
+  for name, row in train.items():   # how far each step is from its products alone
+    out[f'{name} step / floor'] = _ratio(row.get('step_s'), (row.get('floor') or {}).get('floor_s'))
   if scan:   # --sections scan
     out['scanned / unrolled compile (model_tuning)'] = _ratio(scan['scanned']['compile_s'],
                                                               scan['unrolled']['compile_s'])
@@ -102,8 +106,15 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
         timers.append(Timer(f'hf/{name}', hf_steps[name]))
       log(f'train {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
       run_round_robin(timers, bc.repeats, log)
-      result['train'].update(jax_bench.finish_train_rows(
-          [t for t in timers if t.name.startswith('promot_jax/')], infos))
+      ours = [t for t in timers if t.name.startswith('promot_jax/')]
+      result['train'].update(jax_bench.finish_train_rows(ours, infos))
+      for t in ours:   # after the timing rounds: the floor's own timing never overlaps them
+        row = result['train'][t.name.rsplit('/', 1)[1]]
+        row['floor'] = floor_lib.matmul_floor(t.call.compiled, bc.repeats)
+        if row['floor']:
+          log(f'  {t.name}: {row["floor"]["dots"]} dots ({row["floor"]["distinct_shapes"]} '
+              f'shapes), {row["floor"]["dot_flops"] / 1e9:.1f} GFLOP, alone '
+              f'{row["floor"]["floor_s"]:.3f} s ({row["floor"]["gflops"]:.0f} GFLOP/s)')
       for t in timers:
         if t.name.startswith('hf/'):
           name = t.name[3:]
