@@ -189,3 +189,33 @@ def test_floor_of_a_train_step_counts_its_matmul_flops(params, batch):
   # the products are a part of XLA's count (which adds the elementwise work), and most of it
   assert 0.5 * step.info()['xla_flops'] < found['dot_flops'] <= step.info()['xla_flops']
   assert found['floor_s'] > 0 and found['dots'] >= found['distinct_shapes'] > 0
+
+
+def test_scaling_growth_compares_the_time_factor_with_the_size_factor():
+  from promot_jax.tools.bench import scaling
+  bc = BenchConfig(batch=8, inputs=128, prompt_length=100)
+  rows = [{'stage': 'model_tuning', 'batch': b, 'inputs': 128, 'prompt_length': 100, 'step_s': t}
+          for b, t in ((4, 1.0), (8, 1.5), (16, 2.0))]
+  rows += [{'stage': 'model_tuning', 'batch': 8, 'inputs': 128, 'prompt_length': p, 'step_s': t}
+           for p, t in ((0, 1.0), (200, 3.0))]
+  assert scaling.growth(rows, 'model_tuning', 'batch', bc) == pytest.approx(0.5)  # 2x for 4x
+  # the prompt grows the encoder from 128 to 328 positions: 3x the time for 2.5625x the size
+  assert scaling.growth(rows, 'model_tuning', 'prompt_length', bc) == pytest.approx(3 / 2.5625)
+  assert scaling.growth(rows, 'model_tuning', 'inputs', bc) is None   # one point only
+  assert len(scaling.points(bc)) == 6
+
+
+@pytest.mark.slow
+def test_bench_scaling_section_times_every_point(tmp_path, capsys):
+  out = tmp_path / 'bench.json'
+  assert cli.main(['bench', '--quick', '--no-hf', '--sections', 'scaling', '--repeats', '1',
+                   '--json', str(out)]) == 0
+  result = json.loads(out.read_text())['scaling']
+  stage1 = [r for r in result['steps'] if r['stage'] == 'prompt_tuning']
+  stage2 = [r for r in result['steps'] if r['stage'] == 'model_tuning']
+  assert len(stage1) == 4 and len(stage2) == 5      # no stage 1 without a prompt
+  assert all(r['step_s'] > 0 for r in result['steps'])
+  assert {(r['layers'], r['scanned']) for r in result['compile']} == {
+      (1, False), (1, True), (2, False), (2, True)}
+  assert result['growth']['model_tuning']['batch'] > 0
+  assert 'stage 2 compile time by depth' in capsys.readouterr().out

@@ -14,6 +14,8 @@ Sections (each a median over --repeats calls, compile time apart):
   decode  greedy and beam search with the cache vs transformers' generate
   data    seqio input pipeline examples/s
   scan    stage 2's step unrolled vs scanned (SCAN_LAYERS): compile time and step time
+  scaling step time vs batch, inputs and prompt length (stages 1 and 2), compile time vs depth
+          (unrolled and scanned); bench/scaling.py
   profile (--profile) where a step's time goes: forward / backward / optimizer, logits share
 """
 
@@ -28,7 +30,8 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from promot_jax.tools.bench import floor as floor_lib, hf_bench, jax_bench, profile as profile_lib
+from promot_jax.tools.bench import (floor as floor_lib, hf_bench, jax_bench, profile as profile_lib,
+                                    scaling)
 from promot_jax.tools.bench.common import (PRESETS, BenchConfig, Timer, reset_peak_rss,
                                            run_round_robin, synthetic_batch)
 
@@ -147,6 +150,12 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
     result['scan'] = jax_bench.finish_train_rows(timers, infos)
     del timers
 
+  if 'scaling' in sections:
+    log('scaling: step time by batch, inputs and prompt length; compile time by depth')
+    quick = bc.model == 'mt5_tiny'
+    result['scaling'] = scaling.run(bc, scaling.QUICK_GRID if quick else scaling.GRID,
+                                    scaling.QUICK_LAYERS if quick else scaling.LAYERS, log)
+
   if profile:
     log('profile: where a step\'s time goes')
     result['profile'] = profile_lib.breakdown(bc, params, batch, log)
@@ -173,6 +182,8 @@ def format_summary(result: dict) -> str:
     lines.append(f'decode {name:<27}{result["decode"][name]:>10.3f}{"":>10}{tps:>11.1f}')
   if result.get('data'):
     lines.append(f'data pipeline: {result["data"]["examples_per_s"]:.0f} examples/s')
+  if result.get('scaling'):
+    lines += scaling.summary(result['scaling'], BenchConfig(**result['config']))
   lines.append('')
   for name, r in result['ratios'].items():
     lines.append(f'ratio {name:<44} {"-" if r is None else f"{r:.3f}"}')

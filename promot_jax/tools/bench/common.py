@@ -30,6 +30,7 @@ class BenchConfig:
   repeats: int = 3          # timed calls per measurement (the median is reported)
   data_batches: int = 20    # batches read to time the input pipeline
   seed: int = 0
+  layers: Optional[int] = None   # encoder and decoder layers each (default: the model's)
 
   def replace(self, **changes: Any) -> 'BenchConfig':
     return dataclasses.replace(self, **changes)

@@ -28,7 +28,10 @@ STAGE_NAMES = ('prompt_tuning', 'model_tuning', 'finetune')
 
 
 def model_config(bc: BenchConfig) -> config_lib.T5Config:
-  return config_lib.get_config(bc.model, prompt_length=bc.prompt_length)
+  cfg = config_lib.get_config(bc.model, prompt_length=bc.prompt_length)
+  if bc.layers:
+    cfg = cfg.replace(num_encoder_layers=bc.layers, num_decoder_layers=bc.layers)
+  return cfg
 
 
 def random_params(bc: BenchConfig) -> dict:
