@@ -167,7 +167,9 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
 
 def format_summary(result: dict) -> str:
   """A short human-readable table of the headline figures."""
-  lines = ['', f'{"workload":<34}{"step s":>10}{"first s":>10}{"tokens/s":>11}{"opt bytes":>14}']
+  lines = ['']
+  if result.get('train') or result.get('hf_train') or result.get('scan') or result.get('decode'):
+    lines.append(f'{"workload":<34}{"step s":>10}{"first s":>10}{"tokens/s":>11}{"opt bytes":>14}')
   for name, row in (result.get('train') or {}).items():
     lines.append(f'promot_jax {name:<23}{row["step_s"]:>10.3f}{row["first_call_s"]:>10.2f}'
                  f'{row["tokens_per_s"]:>11.0f}{row["optimizer_state_bytes"]:>14,}')
@@ -185,7 +187,7 @@ def format_summary(result: dict) -> str:
   if result.get('scaling'):
     lines += scaling.summary(result['scaling'], BenchConfig(**result['config']))
   lines.append('')
-  for name, r in result['ratios'].items():
+  for name, r in result['ratios'].items():   # '-': a side of the ratio was not run
     lines.append(f'ratio {name:<44} {"-" if r is None else f"{r:.3f}"}')
   env = result['environment']
   lines.append(f'load average: start {env["load_average_start"]}, end {env["load_average_end"]}'
