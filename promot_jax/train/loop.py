@@ -299,7 +299,7 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
     # Every host asks at every step (a collective), so all stop after the same step.
     stopping = done < stage.train_steps and stop.should_stop(done)
     save_now = done % stage.checkpoint_period == 0 or done == stage.train_steps
-    if log_now or save_now or stopping:
+    if log_now or stopping:   # (every save step is a log step)
       check_finite(*pending)
       pending = None
     if log_now:

@@ -42,12 +42,16 @@ def _stage_name(stage: str, c: BenchConfig) -> Optional[str]:
   return None if stage == 'prompt_tuning' else 'finetune'
 
 
+def _inputs(c: BenchConfig) -> tuple[dict, dict]:
+  """Random parameters and a synthetic batch at c's shapes."""
+  return jax_bench.random_params(c), synthetic_batch(c, jax_bench.model_config(c).vocab_size)
+
+
 def step_times(bc: BenchConfig, grid=GRID, log: Callable[[str], None] = print) -> list[dict]:
   """A row per (stage, configuration): shapes, step_s, compile_s, tokens_per_s."""
   rows = []
   for c in points(bc, grid):
-    params = jax_bench.random_params(c)
-    batch = synthetic_batch(c, jax_bench.model_config(c).vocab_size)
+    params, batch = _inputs(c)
     for stage in STAGES:
       name = _stage_name(stage, c)
       if name is None:
@@ -70,8 +74,7 @@ def compile_times(bc: BenchConfig, layers=LAYERS, log: Callable[[str], None] = p
   rows = []
   for n in layers:
     c = bc.replace(layers=n)
-    params = jax_bench.random_params(c)
-    batch = synthetic_batch(c, jax_bench.model_config(c).vocab_size)
+    params, batch = _inputs(c)
     for scan in (False, True):
       step = jax_bench.StageStep(c, jax_bench.stage_for('model_tuning'), params, batch,
                                  scan_layers=scan)
@@ -86,10 +89,8 @@ def growth(rows: list[dict], stage: str, axis: str, bc: BenchConfig) -> Optional
   """(step-time factor) / (size factor) from the smallest to the largest value of `axis`
   (for the prompt: of the encoder positions inputs + prompt), the other shapes at bc's."""
   fixed = {k: getattr(bc, k) for k in GRID if k != axis}
-  line = sorted((r[axis], r['step_s']) for r in rows
+  line = sorted((r[axis], r['step_s']) for r in rows   # (stage 1 has no prompt-0 row)
                 if r['stage'] == stage and all(r[k] == v for k, v in fixed.items()))
-  line = [(v, s) for v, s in line if not (axis == 'prompt_length' and v == 0)] \
-      if stage == 'prompt_tuning' else line
   if len(line) < 2:
     return None
   (v0, s0), (v1, s1) = line[0], line[-1]
