@@ -19,7 +19,7 @@ from toy_inputs import host_params, toy_batch
 
 from promot_jax import mesh as partitioning, tree_util
 from promot_jax.model import config
-from promot_jax.train import sharding, stages
+from promot_jax.train import sharding, sparse, stages
 from promot_jax.train.sharding import build_sharded_step, init_state_on_mesh
 
 # mt5_tiny with one layer each side (XLA:CPU compile time grows with layers), and emb_dim 128 so
@@ -31,6 +31,10 @@ CFG = config.get_config('mt5_tiny', prompt_length=4, emb_dim=128, num_encoder_la
 STAGES = {
     'prompt_tuning': stages.prompt_tuning(learning_rate=0.3),         # the paper's
     'model_tuning': stages.model_tuning(dropout_rate=0.0, learning_rate=1e-2),
+    # the same with the input embedding's gradient and update dense (train/sparse.py): the
+    # vocab-split table must get the same update from the batch's rows as from the dense path
+    'model_tuning_dense': stages.model_tuning(dropout_rate=0.0, learning_rate=1e-2,
+                                              sparse_embedding=False),
 }
 # name: (num_partitions, how many of the 8 devices); '1x1' is the single-device reference.
 MESHES = {'1x1': (1, 1), '8x1': (1, 8), '4x2': (2, 8), '2x4': (4, 8)}
@@ -63,8 +67,10 @@ def train_on_every_mesh(out_dir):
   assert jax.device_count() == 8, jax.devices()
   params, rules = host_params(CFG), partitioning.standard_logical_axis_rules()
   np.savez(os.path.join(out_dir, 'initial.npz'), **tree_util.flatten(params))
-  seen = {'losses': {}, 'layout': {}, 'opt_layout': {}}
+  seen = {'losses': {}, 'layout': {}, 'opt_layout': {}, 'sparse': {}}
   for stage_name, stage in STAGES.items():
+    seen['sparse'][stage_name] = sparse.plan(CFG, stage, stages.split_params(params, stage)[0],
+                                             toy_batch(0, batch=GLOBAL_BATCH))
     for mesh_name, (num_partitions, num_devices) in MESHES.items():
       mesh = partitioning.make_mesh(num_partitions, jax.devices()[:num_devices])
       sharded = build_sharded_step(CFG, stage, mesh, rules, params)
@@ -181,6 +187,18 @@ def test_every_mesh_makes_the_single_device_updates(eight_devices, stage_name):
     assert sorted(got) == sorted(reference)
     for path, value in reference.items():
       np.testing.assert_allclose(got[path], value, rtol=1e-5, atol=atol,
+                                 err_msg=f'{mesh_name}: {path}')
+
+
+def test_the_sparse_embedding_update_equals_the_dense_one_on_every_mesh(eight_devices):
+  seen, out_dir = eight_devices
+  assert seen['sparse'] == {'prompt_tuning': False, 'model_tuning': True,
+                            'model_tuning_dense': False}
+  atol = 1e-3 * STAGES['model_tuning'].learning_rate
+  for mesh_name in MESHES:
+    dense = trained(out_dir, 'model_tuning_dense', mesh_name)
+    for path, value in trained(out_dir, 'model_tuning', mesh_name).items():
+      np.testing.assert_allclose(value, dense[path], rtol=1e-5, atol=atol,
                                  err_msg=f'{mesh_name}: {path}')
 
 

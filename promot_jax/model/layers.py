@@ -80,14 +80,28 @@ class Dense(nn.Module):
     return y
 
 
+# The variable collection that stands in for the embedding table in a sparse train step:
+# {GATHERED: {'token_embedder': {'ids': [K] sorted token ids, 'rows': [K, embed] their rows}}}.
+GATHERED = 'gathered'
+
+
 class Embed(nn.Module):
-  """Token embedding table [vocab, embed] (t5x: token_embedder/embedding)."""
+  """Token embedding table [vocab, embed] (t5x: token_embedder/embedding).
+
+  Given the GATHERED collection instead of the table, the lookup reads only those rows (every
+  token looked up must be among `ids`, which are sorted): a train step then differentiates
+  with respect to the [K, embed] rows the batch uses, not the whole table (train/step.py).
+  """
   num_embeddings: int
   features: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: Array) -> Array:
+    if self.has_variable(GATHERED, 'rows'):
+      ids, rows = self.get_variable(GATHERED, 'ids'), self.get_variable(GATHERED, 'rows')
+      slots = jnp.searchsorted(ids, tokens)               # tokens' positions among `ids`
+      return jnp.asarray(jnp.take(rows, slots, axis=0), self.dtype)
     table = logical_param(self, 'embedding', nn.initializers.normal(stddev=1.0),
                    (self.num_embeddings, self.features), ('vocab', 'embed'))
     return jnp.asarray(jnp.take(table, tokens, axis=0), self.dtype)  # [batch, length, embed]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from promot_jax.train import sparse
 # A reduction over an array whose minor (last) dimension is at least this long goes through
 # a dot with a ones vector (see the module docstring for the measurements).
 _WIDE = 16384
@@ -93,6 +94,8 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
     beta = 1.0 - t ** (-decay_rate)
 
     def one(g, v_row, v_col, v, p):
+      if sparse.is_sparse(g):
+        return _sparse_rows_update(g, v_row, v_col, v, p)
       dims = _factored_dims(g.shape, min_dim_size_to_factor)
       if dims is not None:                 # 2-D (larger factored shapes go to optax, below)
         d1, d0 = dims                      # d0: the longest axis, reduced for v_row
@@ -107,14 +110,43 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
         new_v = (beta * v + (1.0 - beta) * (g * g + eps)).astype(v.dtype)
         u = g * jax.lax.rsqrt(new_v)
         new_row, new_col = v_row, v_col
+      scale = _scale(_mean_all(u * u), p)
+      return (-scale * u).astype(p.dtype), new_row, new_col, new_v
+
+    def _scale(u_mean_square, p):
+      """The learning rate after update clipping and parameter-RMS scaling."""
       scale = learning_rate
       if clipping_threshold is not None:
-        u_rms = jnp.sqrt(_mean_all(u * u))
+        u_rms = jnp.sqrt(u_mean_square)
         scale = scale / jnp.maximum(1.0, u_rms / clipping_threshold)
       if multiply_by_parameter_scale:
         p_rms = jnp.sqrt(_mean_all(p * p))
         scale = scale * jnp.where(p_rms <= min_scale, min_scale, p_rms)
-      return (-scale * u).astype(p.dtype), new_row, new_col, new_v
+      return scale
+
+    def _sparse_rows_update(g, v_row, v_col, v, p):
+      """`one` for a [vocab, embed] gradient that is zero outside rows `g.ids`.
+
+      The factored statistics in closed form: v_row [embed] averages g^2 + eps over all
+      vocab rows, of which only the K given are non-zero; v_col [vocab] decays to
+      beta v_col + (1 - beta) eps at every other row. The update is zero there, so only the
+      K rows of it are returned (SparseRows); its RMS still counts every vocab x embed entry.
+      """
+      if _factored_dims(g.shape, min_dim_size_to_factor) != (1, 0):
+        raise ValueError(f'A sparse-rows gradient needs a factored [rows, columns] leaf with '
+                         f'more rows than columns; got shape {g.shape}.')
+      vocab, embed = g.shape
+      g_sq = g.values * g.values                                       # [K, embed]
+      new_row = (beta * v_row + (1.0 - beta) * (jnp.sum(g_sq, 0) / vocab + eps)
+                 ).astype(v_row.dtype)
+      new_col = (beta * v_col + (1.0 - beta) * eps).at[g.ids].add(
+          (1.0 - beta) * jnp.mean(g_sq, 1), indices_are_sorted=True).astype(v_col.dtype)
+      row_factor = jax.lax.rsqrt(new_row / jnp.mean(new_row))
+      col_factor = jax.lax.rsqrt(jnp.take(new_col, g.ids))
+      u = g.values * row_factor[None, :] * col_factor[:, None]         # [K, embed]
+      scale = _scale(jnp.sum(u * u) / (vocab * embed), p)
+      update = sparse.SparseRows(g.ids, (-scale * u).astype(p.dtype), g.shape)
+      return update, new_row, new_col, v
 
     def general(g, v_row, v_col, v, p):
       """optax's own update of one leaf (factored leaves of more than two dimensions)."""
@@ -131,7 +163,7 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
     trees = (grads, factored_state.v_row, factored_state.v_col, factored_state.v, params)
     if batched is not None:
       out = jax.tree_util.tree_map_with_path(update_leaf, *trees)
-    elif any(g.ndim > 2 and _factored_dims(g.shape, min_dim_size_to_factor) is not None
+    elif any(len(g.shape) > 2 and _factored_dims(g.shape, min_dim_size_to_factor) is not None
              for g in jax.tree_util.tree_leaves(grads)):
       return reference.update(grads, state, params)   # not a shape this model has
     else:

@@ -54,6 +54,10 @@ class Stage:
   # The seqio task or mixture this stage trains and validates on; None: the run's
   # MIXTURE_OR_TASK_NAME (sequential runs give each stage its own).
   task: Optional[str] = None
+  # The input embedding's gradient and Adafactor update over only the rows a batch uses
+  # (exact; train/sparse.py). None: whenever it applies and the batch has at most vocab / 2
+  # token positions; False: always dense; True: sparse, or an error saying why it can't be.
+  sparse_embedding: Optional[bool] = None
 
   def replace(self, **changes: Any) -> 'Stage':
     return dataclasses.replace(self, **changes)

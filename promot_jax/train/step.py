@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from promot_jax import tree_util
 from promot_jax.model import losses
 from promot_jax.model.config import T5Config
 from promot_jax.model.transformer import Transformer
+from promot_jax.train import sparse
 from promot_jax.train.stages import Stage, merge_params
 
 Array = jax.Array
@@ -47,9 +49,9 @@ def init_train_state(trainable: Any, optimizer: optax.GradientTransformation) ->
 
 
 def forward(model: Transformer, stage: Stage, params: Any, batch: Batch,
-             dropout_rng: Optional[Array]) -> Array:
+             dropout_rng: Optional[Array], extra_variables: Optional[dict] = None) -> Array:
   rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
-  return model.apply({'params': params}, batch['encoder_input_tokens'],
+  return model.apply({'params': params, **(extra_variables or {})}, batch['encoder_input_tokens'],
                      batch['decoder_input_tokens'], batch['decoder_target_tokens'],
                      with_prompt=stage.with_prompt, enable_dropout=dropout_rng is not None,
                      prompt_ids=batch.get(PROMPT_IDS), rngs=rngs)
@@ -76,8 +78,7 @@ def global_norm(tree: Any) -> Array:
   own g * g, which then is materialised at full size for both; a vdot stays a separate
   memory-bound pass.
   """
-  return jnp.sqrt(sum(jnp.vdot(x.ravel(), x.ravel()).astype(jnp.float32)
-                      for x in jax.tree_util.tree_leaves(tree)))
+  return jnp.sqrt(sum(sparse.sum_of_squares(x) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def make_train_step(cfg: T5Config, stage: Stage, optimizer: optax.GradientTransformation,
@@ -89,13 +90,23 @@ def make_train_step(cfg: T5Config, stage: Stage, optimizer: optax.GradientTransf
   def train_step(state: TrainState, frozen: Any, batch: Batch, rng: Array):
     dropout_rng = dropout_key(jax.random.fold_in(rng, state.step)) if use_dropout else None
 
-    def loss_fn(trainable):
-      logits = forward(model, stage, merge_params(trainable, frozen), batch, dropout_rng)
+    def loss_fn(trainable, extra_variables=None):
+      logits = forward(model, stage, merge_params(trainable, frozen), batch, dropout_rng,
+                       extra_variables)
       return losses.cross_entropy_with_z_loss(
           logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'],
           stage.label_smoothing, stage.z_loss, loss_normalizing_factor)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    if sparse.plan(cfg, stage, state.trainable, batch):
+      # The input embedding's gradient as the batch's rows (train/sparse.py).
+      table = tree_util.flatten(state.trainable)[sparse.EMBEDDING]
+      ids, rows = sparse.gather(table, batch)
+      (loss, metrics), (grads, row_grads) = jax.value_and_grad(
+          lambda t, r: loss_fn(t, sparse.gathered_variables(ids, r)), argnums=(0, 1),
+          has_aux=True)(sparse.without_embedding(state.trainable), rows)
+      grads = sparse.sparse_grads(grads, ids, row_grads, table.shape)
+    else:
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -105,8 +116,8 @@ def make_train_step(cfg: T5Config, stage: Stage, optimizer: optax.GradientTransf
     # select between old and new parameters, which costs a full extra read-and-write pass;
     # the optimizer state is small (factored) and is selected whole.
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-    trainable = optax.apply_updates(state.trainable, updates)
+    updates = sparse.tree_map(lambda u: sparse.guard(u, finite), updates)
+    trainable = sparse.apply_updates(state.trainable, updates)
     opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
                                        new_opt_state, state.opt_state)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
