@@ -178,3 +178,21 @@ def test_length_penalty_is_t5x():
   np.testing.assert_allclose(float(decoding.length_penalty(7, 0.6)), (12 / 6) ** 0.6, rtol=1e-6)
   assert float(decoding.length_penalty(3, 0.0)) == 1.0
   assert jnp.array_equal(decoding.shift_right(jnp.array([[5, 6, 7]])), jnp.array([[0, 5, 6]]))
+
+
+@pytest.mark.parametrize('vocab', [250112, 512, 4100, 300])
+def test_top_k_equals_lax_top_k_ties_included(vocab):
+  """decoding.top_k (chunked where the vocabulary splits) against jax.lax.top_k: random rows,
+  rows of few distinct values (ties across chunks), a constant row and -inf entries."""
+  rng = np.random.default_rng(vocab)
+  x = rng.normal(size=(6, vocab)).astype(np.float32)
+  x[1] = rng.integers(0, 3, vocab)          # three values: every rank a tie
+  x[2] = 0.5                                # one value
+  x[3, ::7] = -np.inf
+  x[4] = np.round(x[4], 1)                  # many ties among the largest
+  x[5] = 0.0                                # the larger maximum in a later chunk, and a tie
+  x[5, [vocab - 5, 5, vocab - 10, 10]] = [3.0, 2.0, 1.0, 1.0]   # between the two chunks
+  for k in (1, 2, 4, 8):
+    got, want = jax.jit(decoding.top_k, static_argnums=1)(x, k), jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))

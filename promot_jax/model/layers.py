@@ -173,6 +173,10 @@ class RelativePositionBias(nn.Module):
     return bias[None]                                                   # [1, heads, q, k]
 
 
+# The cache entries of a cross-attention's projected encoder keys and values (decoding).
+FIXED_KEY, FIXED_VALUE = 'fixed_key', 'fixed_value'
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention with t5x's parameter layout and key/value cache.
 
@@ -190,9 +194,15 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
                bias: Optional[Array] = None, *, deterministic: bool = True,
-               decode: bool = False) -> Array:
+               decode: bool = False, fixed_kv: bool = False) -> Array:
     # inputs_q [batch, q_len, embed]; inputs_kv [batch, kv_len, embed];
     # mask broadcastable to [batch, heads, q_len, kv_len]; bias to the same.
+    # decode with fixed_kv (cross-attention): inputs_kv is the same at every call, so its keys
+    # and values are projected once, by the call that creates the cache, and kept there
+    # heads-major ([batch, heads, kv_len, kv]), the layout the score and output products read.
+    # (Left to XLA, the projection is hoisted out of the decoding loop but the transposes to
+    # that layout are not: one per key and value per layer per step, a fifth of a beam-4
+    # decode of mT5-small.)
     inner = self.num_heads * self.head_dim
     depth_scaling = np.sqrt(self.head_dim).astype(np.float32)
 
@@ -204,26 +214,37 @@ class MultiHeadAttention(nn.Module):
                 lora=self.lora, name=name)(x)
       return y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))  # [batch, len, heads, kv]
 
-    query = project('query', inputs_q, query_init)
-    key = project('key', inputs_kv)
-    value = project('value', inputs_kv)
-    query = constrain(query, ('batch', 'length', 'heads', 'kv'))
-    key = constrain(key, ('batch', 'length', 'heads', 'kv'))
-    value = constrain(value, ('batch', 'length', 'heads', 'kv'))
+    def keys_and_values():
+      key = constrain(project('key', inputs_kv), ('batch', 'length', 'heads', 'kv'))
+      value = constrain(project('value', inputs_kv), ('batch', 'length', 'heads', 'kv'))
+      return key, value
 
-    if decode:
-      key, value, mask, bias = self._update_cache(key, value, mask, bias)
+    query = project('query', inputs_q, query_init)
+    query = constrain(query, ('batch', 'length', 'heads', 'kv'))
+    kv_axes = 'bkhd'
+    if decode and fixed_kv:
+      kv_axes = 'bhkd'
+      if self.has_variable('cache', FIXED_KEY):
+        key, value = self.get_variable('cache', FIXED_KEY), self.get_variable('cache', FIXED_VALUE)
+      else:
+        key, value = (jnp.swapaxes(x, 1, 2) for x in keys_and_values())
+        self.put_variable('cache', FIXED_KEY, key)
+        self.put_variable('cache', FIXED_VALUE, value)
+    else:
+      key, value = keys_and_values()
+      if decode:
+        key, value, mask, bias = self._update_cache(key, value, mask, bias)
 
     if self.float32_logits:
       query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)                  # [batch, heads, q, k]
+    logits = jnp.einsum(f'bqhd,{kv_axes}->bhqk', query, key)            # [batch, heads, q, k]
     if bias is not None:
       logits = logits + bias.astype(logits.dtype)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.asarray(BIG_NEG, logits.dtype))
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, value.astype(self.dtype))  # [batch, q, heads, kv]
+    out = jnp.einsum(f'bhqk,{kv_axes}->bqhd', weights, value.astype(self.dtype))  # [b, q, heads, kv]
     out = out.reshape(out.shape[:2] + (inner,))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), dtype=self.dtype, lora=self.lora,
                  name='out')(out)

@@ -113,7 +113,8 @@ class DecoderLayer(nn.Module):
     x = x + drop(y)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name='pre_cross_attention_layer_norm')(x)
     y = attn('encoder_decoder_attention')(y, encoded, cross_mask, None,
-                                          deterministic=self.deterministic)
+                                          deterministic=self.deterministic,
+                                          decode=self.decode, fixed_kv=True)
     x = x + drop(y)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name='pre_mlp_layer_norm')(x)
     y = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dt, self.lora,
