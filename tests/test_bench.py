@@ -219,3 +219,28 @@ def test_bench_scaling_section_times_every_point(tmp_path, capsys):
       (1, False), (1, True), (2, False), (2, True)}
   assert result['growth']['model_tuning']['batch'] > 0
   assert 'stage 2 compile time by depth' in capsys.readouterr().out
+
+
+@pytest.mark.slow   # three worker processes start (each imports jax and compiles)
+def test_bench_isolate_times_each_workload_in_its_own_process(tmp_path, capsys):
+  out = tmp_path / 'bench.json'
+  assert cli.main(['bench', '--quick', '--no-hf', '--isolate', '--sections', 'train,decode',
+                   '--repeats', '2', '--json', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['isolate'] is True
+  for name in jax_bench.STAGE_NAMES:
+    row = result['train'][name]
+    assert len(row['step_times_s']) == 2 and all(t > 0 for t in row['step_times_s'])
+    assert row['compile_s'] > 0 and row['floor']['floor_s'] > 0
+  assert result['ratios']['prompt_tuning / model_tuning'] > 0
+  assert set(result['decode']) == {'promot_jax/greedy', 'promot_jax/beam4'}
+  # one peak RSS per worker process
+  assert sorted(result['memory']) == sorted(f'promot_jax/{n} (own process)'
+                                            for n in jax_bench.STAGE_NAMES)
+  assert 'own process' in capsys.readouterr().out
+
+
+def test_an_isolated_workload_that_fails_to_build_is_a_clear_error():
+  from promot_jax.tools.bench import isolate
+  with pytest.raises(RuntimeError, match="(?s)bench worker x failed:.*unknown workload kind 'bogus'"):
+    isolate.start([('bogus', 'x')], common.PRESETS['quick'])

@@ -187,6 +187,9 @@ def add_bench(subparsers) -> None:
   p.add_argument('--no-hf', dest='no_hf', action='store_true',
                  help='skip transformers / PEFT (promot_jax only)')
   p.add_argument('--sections', default='train,decode,data', help='comma list of sections')
+  p.add_argument('--isolate', action='store_true',
+                 help='time each train and decode workload in a process of its own, still '
+                      'round-robin (in one process they slow each other down)')
   p.add_argument('--profile', action='store_true', help='also break a step down by phase')
   for name in ('batch', 'inputs', 'targets', 'prompt_length', 'repeats'):
     p.add_argument(f'--{name}', type=int, default=None)

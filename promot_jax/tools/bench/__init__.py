@@ -10,7 +10,7 @@ Sections (each a median over --repeats calls, compile time apart):
           transformers full fine-tuning and PEFT prompt tuning at the same shapes, run
           round-robin with the promot_jax steps so every ratio comes from one run; each
           step's matmul floor (bench/floor.py: its dots timed alone at their shapes) and
-          step / floor
+          step / floor. --isolate: each workload in a process of its own (bench/isolate.py)
   decode  greedy and beam search with the cache vs transformers' generate
   data    seqio input pipeline examples/s
   scan    stage 2's step unrolled vs scanned (SCAN_LAYERS): compile time and step time
@@ -30,8 +30,8 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from promot_jax.tools.bench import (floor as floor_lib, hf_bench, jax_bench, profile as profile_lib,
-                                    scaling)
+from promot_jax.tools.bench import (floor as floor_lib, hf_bench, isolate as isolate_lib,
+                                    jax_bench, profile as profile_lib, scaling)
 from promot_jax.tools.bench.common import (PRESETS, BenchConfig, Timer, reset_peak_rss,
                                            run_round_robin, synthetic_batch)
 
@@ -80,9 +80,20 @@ def ratios(result: dict) -> dict:
   return out
 
 
+def _log_floor(log: Callable[[str], None], name: str, floor: Optional[dict]) -> None:
+  if floor:
+    log(f'  {name}: {floor["dots"]} dots ({floor["distinct_shapes"]} shapes), '
+        f'{floor["dot_flops"] / 1e9:.1f} GFLOP, alone {floor["floor_s"]:.3f} s '
+        f'({floor["gflops"]:.0f} GFLOP/s)')
+
+
 def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode', 'data'),
-              profile: bool = False, log: Callable[[str], None] = print) -> dict:
-  """Run the benchmark sections; a JSON-serialisable dict of every figure."""
+              profile: bool = False, log: Callable[[str], None] = print,
+              isolate: bool = False) -> dict:
+  """Run the benchmark sections; a JSON-serialisable dict of every figure.
+
+  `isolate`: the train and decode workloads each in a process of their own (bench/isolate.py).
+  """
   cfg = jax_bench.model_config(bc)
   result: dict[str, Any] = {'config': bc.__dict__.copy(), 'environment': _environment()}
   log(f'bench: {bc.model} batch {bc.batch}, inputs {bc.inputs}, targets {bc.targets}, '
@@ -93,7 +104,42 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
   if with_hf:
     result['environment'].update(hf_bench.torch_info())
 
-  if 'train' in sections:
+  if isolate:
+    result['isolate'] = True
+    log('each workload in its own process (--isolate)')
+  if 'train' in sections and isolate:
+    result['train'], result['hf_train'], result['memory'] = {}, {}, {}
+    for group in (('prompt_tuning', 'model_tuning'), ('finetune',)):
+      hf_name = (('peft_prompt_tuning' if 'prompt_tuning' in group else 'full_finetune')
+                 if with_hf else None)
+      specs = [('promot_jax', n) for n in group] + ([('hf', hf_name)] if hf_name else [])
+      workers = isolate_lib.start(specs, bc)
+      try:
+        timers = [Timer(f'{kind}/{name}', w, self_timed=True)
+                  for (kind, name), w in zip(specs, workers)]
+        for name, w in zip(group, workers):
+          log(f'  promot_jax {name}: compiled in {w.info["compile_s"]:.1f} s (own process)')
+        log(f'train {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
+        run_round_robin(timers, bc.repeats, log)
+        finished = {w.name: w.finish(bc.repeats) for w in workers}
+      finally:
+        isolate_lib.close(workers)
+      result['train'].update(jax_bench.finish_train_rows(
+          timers[:len(group)], {w.name: w.info for w in workers[:len(group)]}))
+      for t in timers[:len(group)]:
+        name = t.name.rsplit('/', 1)[1]
+        result['train'][name]['floor'] = finished[name]['floor']
+        _log_floor(log, t.name, finished[name]['floor'])
+      if hf_name:
+        t = timers[-1]
+        result['hf_train'][hf_name] = {
+            'step_s': t.median_s, 'first_call_s': t.first_s, 'step_times_s': t.times,
+            'optimizer_state_bytes': finished[hf_name]['optimizer_state_bytes']}
+      for (kind, name), _ in zip(specs, workers):
+        result['memory'][f'{kind}/{name} (own process)'] = {
+            'peak_host_rss_bytes': finished[name]['peak_host_rss_bytes'],
+            'peak_device_bytes': None}
+  elif 'train' in sections:
     # Group 1: stage 1 vs stage 2 vs PEFT prompt tuning; group 2: finetune vs HF full.
     result['train'], result['hf_train'], result['memory'] = {}, {}, {}
     for group in (('prompt_tuning', 'model_tuning'), ('finetune',)):
@@ -114,10 +160,7 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
       for t in ours:   # after the timing rounds: the floor's own timing never overlaps them
         row = result['train'][t.name.rsplit('/', 1)[1]]
         row['floor'] = floor_lib.matmul_floor(t.call.compiled, bc.repeats)
-        if row['floor']:
-          log(f'  {t.name}: {row["floor"]["dots"]} dots ({row["floor"]["distinct_shapes"]} '
-              f'shapes), {row["floor"]["dot_flops"] / 1e9:.1f} GFLOP, alone '
-              f'{row["floor"]["floor_s"]:.3f} s ({row["floor"]["gflops"]:.0f} GFLOP/s)')
+        _log_floor(log, t.name, row['floor'])
       for t in timers:
         if t.name.startswith('hf/'):
           name = t.name[3:]
@@ -127,12 +170,23 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
       result['memory'][' + '.join(group)] = jax_bench.memory_now()
       del timers, hf_steps
 
-  if 'decode' in sections:
+  if 'decode' in sections and isolate:
+    names = [f'{side}/{method}' for side in ('promot_jax', 'hf')[:2 if with_hf else 1]
+             for method in ('greedy', f'beam{bc.beam_size}')]
+    workers = isolate_lib.start([('decode', n) for n in names], bc)
+    try:
+      timers = [Timer(n, w, self_timed=True) for n, w in zip(names, workers)]
+      log(f'decode {" + ".join(names)} ({bc.repeats} rounds)')
+      run_round_robin(timers, bc.repeats, log)
+    finally:
+      isolate_lib.close(workers)
+  elif 'decode' in sections:
     timers = jax_bench.decode_timers(bc, params, batch)
     if with_hf:
       timers += hf_bench.generate_timers(cfg, bc, batch)
     log(f'decode {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
     run_round_robin(timers, bc.repeats, log)
+  if 'decode' in sections:
     result['decode'] = {t.name: t.median_s for t in timers}
     result['decode_tokens_per_s'] = {t.name: bc.batch * bc.decode_length / t.median_s
                                      for t in timers}
@@ -202,7 +256,7 @@ def command(args: argparse.Namespace) -> int:
   bc = bc.replace(**overrides)
   start = time.perf_counter()
   result = run_bench(bc, with_hf=not args.no_hf, sections=tuple(args.sections.split(',')),
-                     profile=args.profile)
+                     profile=args.profile, isolate=args.isolate)
   result['wall_s'] = time.perf_counter() - start
   print(format_summary(result))
   if args.json:

@@ -66,6 +66,7 @@ class Timer:
   call: Callable[[], Any]
   first_s: Optional[float] = None           # the first call (includes any compilation)
   times: list = dataclasses.field(default_factory=list)
+  self_timed: bool = False                  # call() returns the seconds it measured itself
 
   @property
   def median_s(self) -> Optional[float]:
@@ -75,17 +76,18 @@ class Timer:
 def run_round_robin(timers: Sequence[Timer], repeats: int,
                     log: Callable[[str], None] = print) -> None:
   """Call each timer once untimed-for-median (its first call), then `repeats` rounds in turn."""
+  def timed(t: Timer) -> float:
+    start = time.perf_counter()
+    out = t.call()
+    return out if t.self_timed else time.perf_counter() - start
+
   for t in timers:
     if t.first_s is None:
-      start = time.perf_counter()
-      t.call()
-      t.first_s = time.perf_counter() - start
+      t.first_s = timed(t)
       log(f'  {t.name}: first call {t.first_s:.2f} s')
   for r in range(repeats):
     for t in timers:
-      start = time.perf_counter()
-      t.call()
-      t.times.append(time.perf_counter() - start)
+      t.times.append(timed(t))
     log(f'  round {r + 1}/{repeats}: ' + ', '.join(f'{t.name} {t.times[-1]:.3f} s'
                                                    for t in timers))
 
