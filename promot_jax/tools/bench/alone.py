@@ -1,0 +1,80 @@
+"""One bench workload timed alone, call after call, in this process (for A/B checks).
+
+  python -m promot_jax.tools.bench.alone finetune --sparse-embedding off --calls 5
+  python -m promot_jax.tools.bench.alone model_tuning --sleep 6     # a pause before each call
+  python -m promot_jax.tools.bench.alone beam4                      # or greedy
+  python -m promot_jax.tools.bench.alone head --rows 8               # one decoding step's head
+
+`promot bench` times workloads round-robin so that a ratio comes from one run; this times one
+workload back to back (what a training loop does), at the same shapes (mT5-small, batch 8,
+inputs 128, targets 16, prompt 100; --quick: the tiny test model). Run it once per variant,
+in separate processes, alternating. It prints the median and every call's seconds.
+Run it as `python -m`, not through `promot`: the process has the allocator settings it was
+started with (`promot` sets glibc.malloc.hugetlb=1; set GLIBC_TUNABLES for the same here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+
+from promot_jax.tools.bench import jax_bench
+from promot_jax.tools.bench.common import PRESETS, synthetic_batch
+
+_SPARSE = {'auto': None, 'on': True, 'off': False}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('workload', choices=list(jax_bench.STAGE_NAMES) + ['greedy', 'beam4', 'head'])
+  p.add_argument('--rows', type=int, default=8,
+                 help='head: rows of the [rows, embed] x [embed, vocab] product (8 greedy, '
+                      '32 beam 4)')
+  p.add_argument('--calls', type=int, default=5, help='timed calls after two untimed ones')
+  p.add_argument('--sleep', type=float, default=0.0, help='seconds idle before each call')
+  p.add_argument('--sparse-embedding', choices=list(_SPARSE), default='auto',
+                 help="the stage's sparse_embedding (train workloads)")
+  p.add_argument('--quick', action='store_true', help='the tiny test model')
+  args = p.parse_args(argv)
+  bc = PRESETS['quick' if args.quick else 'mt5_small']
+  params = jax_bench.random_params(bc)
+  batch = synthetic_batch(bc, jax_bench.model_config(bc).vocab_size)
+  compile_s = None
+  if args.workload in jax_bench.STAGE_NAMES:
+    stage = jax_bench.stage_for(args.workload).replace(
+        sparse_embedding=_SPARSE[args.sparse_embedding])
+    call = jax_bench.StageStep(bc, stage, params, batch)
+    compile_s = call.compile_s
+  elif args.workload == 'head':
+    kernel = jax.device_put(params['decoder']['logits_dense']['kernel'])
+    hidden = jax.numpy.ones((args.rows, kernel.shape[0]), kernel.dtype)
+    product = jax.jit(lambda h, k: h @ k)
+    call = lambda: jax.block_until_ready(product(hidden, kernel))  # noqa: E731
+  else:
+    name = 'promot_jax/greedy' if args.workload == 'greedy' else f'promot_jax/beam{bc.beam_size}'
+    call = next(t.call for t in jax_bench.decode_timers(bc, params, batch) if t.name == name)
+  call()
+  call()
+  times = []
+  for _ in range(args.calls):
+    time.sleep(args.sleep)
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  out = {'workload': args.workload, 'sparse_embedding': args.sparse_embedding,
+         'sleep_s': args.sleep, 'compile_s': compile_s, 'median_s': statistics.median(times),
+         'times_s': times}
+  print(f'{args.workload} (sparse_embedding {args.sparse_embedding}, sleep {args.sleep:g} s): '
+        f'median {out["median_s"]:.3f} s, calls ' + ' '.join(f'{t:.3f}' for t in times)
+        + (f', compiled in {compile_s:.1f} s' if compile_s else ''), flush=True)
+  jax.clear_caches()
+  return out
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
