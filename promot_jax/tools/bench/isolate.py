@@ -17,6 +17,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from promot_jax.tools.bench import floor as floor_lib, hf_bench, jax_bench
 from promot_jax.tools.bench.common import BenchConfig, peak_rss_bytes, synthetic_batch
 
 _HF_TRAIN = {'peft_prompt_tuning': 'prompt_tuning', 'full_finetune': 'finetune'}
@@ -25,7 +26,6 @@ _HF_TRAIN = {'peft_prompt_tuning': 'prompt_tuning', 'full_finetune': 'finetune'}
 def _build(kind: str, name: str, bc: BenchConfig) -> tuple[Callable[[], Any], dict,
                                                              Callable[[int], dict]]:
   """(call, facts known once built, finish(repeats) -> facts after the timing rounds)."""
-  from promot_jax.tools.bench import floor as floor_lib, hf_bench, jax_bench
   cfg = jax_bench.model_config(bc)
   batch = synthetic_batch(bc, cfg.vocab_size)
   if kind == 'promot_jax':
