@@ -13,15 +13,6 @@ XLA:CPU reduces the 512-long leading axis of a wide array in 0.9 s and the long 
 optax's `safe_root_mean_squares` also reduces the parameter twice (a second pass through a
 `where`); here once. Together these took the optimizer update of mT5-small's 300M weights
 from 2.2 s to well under a second on the 2-core CPU of `promot bench` (README, Performance).
-
-With `column_chunk` (XLA:CPU on one device; `optimizer.make_optimizer` decides) a wide leaf
-reads its gradient for the statistics in one loop over column blocks that stay in cache,
-instead of the above: inside the full train step XLA:CPU materialised g * g + eps for the
-[512, 250112] head kernel (a fresh 512 MB buffer) and reduced its leading axis with strided
-reads, 0.5 s of a 2.6 s fine-tuning step (profile of `bench.alone finetune`); the loop takes
-both sums in ~0.06 s. The update's mean square is then a row reduction of (g * col_factor)^2,
-so the update itself is never materialised before it is applied. Not used on sharded leaves:
-a loop of dynamic slices over a sharded axis would gather it.
 """
 
 from __future__ import annotations
@@ -37,9 +28,6 @@ from promot_jax.train import sparse
 # A reduction over an array whose minor (last) dimension is at least this long goes through
 # a dot with a ones vector (see the module docstring for the measurements).
 _WIDE = 16384
-# Columns per block of the chunked statistics: a [512, 2048] float32 block is 4 MB; of blocks of
-# 512-4096 columns it took the head kernel's two sums fastest on the bench's CPU (56 ms).
-COLUMN_CHUNK = 2048
 
 
 def _sum(x: jax.Array, axis: int) -> jax.Array:
@@ -56,34 +44,6 @@ def _mean(x: jax.Array, axis: int) -> jax.Array:
   return _sum(x, axis) / x.shape[axis]
 
 
-def square_sums_by_columns(g: jax.Array, eps: float, chunk: int):
-  """(sum over columns, sum over rows) of g * g + eps for a 2-D g, reading g once.
-
-  A loop over [rows, chunk] column blocks: each block's squares stay in cache and give its
-  columns' sums whole and a partial sum for every row. Columns beyond the last whole block
-  are summed after the loop.
-  """
-  rows, cols = g.shape
-  blocks, tail = divmod(cols, chunk)
-
-  def sums(x):
-    sq = x * x + eps
-    return jnp.sum(sq, 1), jnp.sum(sq, 0)
-
-  def body(row_sum, i):
-    part_rows, part_cols = sums(jax.lax.dynamic_slice_in_dim(g, i * chunk, chunk, axis=1))
-    return row_sum + part_rows, part_cols
-
-  if not blocks:
-    return sums(g)
-  row_sum, col_sums = jax.lax.scan(body, jnp.zeros((rows,), g.dtype), jnp.arange(blocks))
-  col_sum = col_sums.reshape(-1)
-  if tail:
-    part_rows, part_cols = sums(g[:, blocks * chunk:])
-    row_sum, col_sum = row_sum + part_rows, jnp.concatenate([col_sum, part_cols])
-  return row_sum, col_sum
-
-
 def _factored_dims(shape, min_dim_size_to_factor: int):
   """optax's choice: the two largest axes, if the smaller of them is long enough."""
   if len(shape) < 2:
@@ -98,14 +58,11 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
               multiply_by_parameter_scale: bool = True, clipping_threshold: float = 1.0,
               min_dim_size_to_factor: int = 128, eps: float = 1e-30,
               min_scale: float = 1e-3,
-              batched: Optional[Callable[[str], bool]] = None,
-              column_chunk: Optional[int] = None) -> optax.GradientTransformation:
+              batched: Optional[Callable[[str], bool]] = None) -> optax.GradientTransformation:
   """optax.adafactor(...) with factored=True, no momentum and no weight decay.
 
   `batched(path) -> bool`: leaves whose leading axis is a batch of independent parameters
   (stacked layers; see the module docstring). None: no such leaves.
-  `column_chunk`: take a wide [rows, columns] leaf's statistics in blocks of this many columns
-  (module docstring); None: whole-array reductions (for sharded leaves and accelerators).
   """
   reference = optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
                               multiply_by_parameter_scale=multiply_by_parameter_scale,
@@ -142,8 +99,6 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
       dims = _factored_dims(g.shape, min_dim_size_to_factor)
       if dims is not None:                 # 2-D (larger factored shapes go to optax, below)
         d1, d0 = dims                      # d0: the longest axis, reduced for v_row
-        if column_chunk and dims == (0, 1) and g.shape[1] >= _WIDE:
-          return _wide_update(g, v_row, v_col, v, p)
         g_sq = g * g + eps
         new_row = (beta * v_row + (1.0 - beta) * _mean(g_sq, d0)).astype(v_row.dtype)
         new_col = (beta * v_col + (1.0 - beta) * _mean(g_sq, d1)).astype(v_col.dtype)
@@ -157,24 +112,6 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
         new_row, new_col = v_row, v_col
       scale = _scale(_mean_all(u * u), p)
       return (-scale * u).astype(p.dtype), new_row, new_col, new_v
-
-    def _wide_update(g, v_row, v_col, v, p):
-      """`one` for a [rows, columns] leaf with many more columns, statistics by column blocks.
-
-      The same arithmetic: row and column means of g^2 + eps (`square_sums_by_columns`), and
-      the mean of u^2 for u = g row_factor col_factor as sum_r row_factor_r^2
-      sum_c (g_rc col_factor_c)^2, a row reduction, so u is only formed inside the update.
-      """
-      rows, cols = g.shape
-      row_sum, col_sum = square_sums_by_columns(g, eps, column_chunk)
-      new_row = (beta * v_row + (1.0 - beta) * (row_sum / cols)).astype(v_row.dtype)
-      new_col = (beta * v_col + (1.0 - beta) * (col_sum / rows)).astype(v_col.dtype)
-      row_factor = jax.lax.rsqrt(new_row / jnp.mean(new_row))
-      col_factor = jax.lax.rsqrt(new_col)
-      u_sq_by_row = jnp.sum(jnp.square(g * col_factor[None, :]), axis=1)
-      scale = _scale(jnp.dot(row_factor * row_factor, u_sq_by_row) / g.size, p)
-      u = g * row_factor[:, None] * col_factor[None, :]
-      return (-scale * u).astype(p.dtype), new_row, new_col, v
 
     def _scale(u_mean_square, p):
       """The learning rate after update clipping and parameter-RMS scaling."""

@@ -25,33 +25,23 @@ from promot_jax.train import adafactor
 from promot_jax.train.stages import Stage
 
 
-def _base(stage: Stage, scale_by_param: bool, batched: Optional[Callable[[str], bool]],
-          column_chunk: Optional[int]) -> optax.GradientTransformation:
+def _base(stage: Stage, scale_by_param: bool,
+          batched: Optional[Callable[[str], bool]]) -> optax.GradientTransformation:
   if stage.optimizer == 'adafactor':
     return adafactor.adafactor(learning_rate=stage.learning_rate, decay_rate=stage.decay_rate,
                                multiply_by_parameter_scale=scale_by_param,
                                clipping_threshold=1.0, min_dim_size_to_factor=128,
-                               batched=batched, column_chunk=column_chunk)
+                               batched=batched)
   if stage.optimizer == 'adam':
     return optax.adam(stage.learning_rate)
   return optax.sgd(stage.learning_rate)
 
 
-def column_chunks_for(mesh) -> Optional[int]:
-  """Adafactor's column blocks (train/adafactor.py) where they pay and are safe: XLA:CPU with
-  the whole step on one device (nothing sharded); None elsewhere."""
-  if mesh.devices.size == 1 and mesh.devices.flat[0].platform == 'cpu':
-    return adafactor.COLUMN_CHUNK
-  return None
-
-
-def make_optimizer(stage: Stage, trainable: Mapping[str, Any],
-                   column_chunk: Optional[int] = None) -> optax.GradientTransformation:
+def make_optimizer(stage: Stage, trainable: Mapping[str, Any]) -> optax.GradientTransformation:
   """The stage's optimizer for the `trainable` tree (with or without a format module).
 
   `trainable` may be the t5x tree or the stacked one (arrays or ShapeDtypeStructs); with stacked
-  leaves each layer gets the update it would get in the t5x tree. `column_chunk`: see
-  `column_chunks_for` (the same arithmetic either way).
+  leaves each layer gets the update it would get in the t5x tree.
   """
   paths = tree_util.flatten(trainable)
   batched = (stacking.is_stacked_path if any(stacking.is_stacked_path(p) for p in paths)
@@ -62,6 +52,6 @@ def make_optimizer(stage: Stage, trainable: Mapping[str, Any],
     # The format module (label 'prompt', its first kind) moves at the raw rate, as in stage 1.
     labels = tree_util.map_with_path(
         lambda path, _: 'prompt' if formats.is_module_path(path) else 'weights', trainable)
-    return optax.multi_transform({'prompt': _base(stage, False, batched, column_chunk),
-                                  'weights': _base(stage, True, batched, column_chunk)}, labels)
-  return _base(stage, stage.multiply_by_parameter_scale, batched, column_chunk)
+    return optax.multi_transform({'prompt': _base(stage, False, batched),
+                                  'weights': _base(stage, True, batched)}, labels)
+  return _base(stage, stage.multiply_by_parameter_scale, batched)

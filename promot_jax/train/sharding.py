@@ -22,7 +22,7 @@ import optax
 
 from promot_jax import mesh as partitioning, tree_util
 from promot_jax.model import stacking, transformer
-from promot_jax.train.optimizer import column_chunks_for, make_optimizer
+from promot_jax.train.optimizer import make_optimizer
 from promot_jax.train.stages import Stage, merge_params, split_params
 from promot_jax.train.step import TrainState, batch_features, make_train_step
 
@@ -89,7 +89,7 @@ def build_sharded_step(cfg, stage: Stage, mesh, rules, params: Any,
   f_shard = partitioning.logical_to_sharding(f_specs, mesh, rules)
   partitioning.check_divisible(merge_params(*split_params(params, stage)),
                   merge_params(t_shard, f_shard), mesh)
-  optimizer = make_optimizer(stage, trainable, column_chunks_for(mesh))
+  optimizer = make_optimizer(stage, trainable)
   abstract_trainable = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                               trainable)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
