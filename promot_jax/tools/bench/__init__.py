@@ -87,6 +87,17 @@ def _log_floor(log: Callable[[str], None], name: str, floor: Optional[dict]) -> 
         f'({floor["gflops"]:.0f} GFLOP/s)')
 
 
+# The train section's groups, each timed round-robin with its transformers counterpart:
+# stage 1 and stage 2 with PEFT prompt tuning; fine-tuning with full fine-tuning.
+_TRAIN_GROUPS = ((('prompt_tuning', 'model_tuning'), 'peft_prompt_tuning'),
+                 (('finetune',), 'full_finetune'))
+
+
+def _hf_row(timer: Timer, optimizer_state_bytes: Optional[int]) -> dict:
+  return {'step_s': timer.median_s, 'first_call_s': timer.first_s, 'step_times_s': timer.times,
+          'optimizer_state_bytes': optimizer_state_bytes}
+
+
 def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode', 'data'),
               profile: bool = False, log: Callable[[str], None] = print,
               isolate: bool = False) -> dict:
@@ -109,9 +120,8 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
     log('each workload in its own process (--isolate)')
   if 'train' in sections and isolate:
     result['train'], result['hf_train'], result['memory'] = {}, {}, {}
-    for group in (('prompt_tuning', 'model_tuning'), ('finetune',)):
-      hf_name = (('peft_prompt_tuning' if 'prompt_tuning' in group else 'full_finetune')
-                 if with_hf else None)
+    for group, hf_name in _TRAIN_GROUPS:
+      hf_name = hf_name if with_hf else None
       specs = [('promot_jax', n) for n in group] + ([('hf', hf_name)] if hf_name else [])
       workers = isolate_lib.start(specs, bc)
       try:
@@ -131,10 +141,8 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
         result['train'][name]['floor'] = finished[name]['floor']
         _log_floor(log, t.name, finished[name]['floor'])
       if hf_name:
-        t = timers[-1]
-        result['hf_train'][hf_name] = {
-            'step_s': t.median_s, 'first_call_s': t.first_s, 'step_times_s': t.times,
-            'optimizer_state_bytes': finished[hf_name]['optimizer_state_bytes']}
+        result['hf_train'][hf_name] = _hf_row(timers[-1],
+                                              finished[hf_name]['optimizer_state_bytes'])
       for (kind, name), _ in zip(specs, workers):
         result['memory'][f'{kind}/{name} (own process)'] = {
             'peak_host_rss_bytes': finished[name]['peak_host_rss_bytes'],
@@ -142,17 +150,14 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
   elif 'train' in sections:
     # Group 1: stage 1 vs stage 2 vs PEFT prompt tuning; group 2: finetune vs HF full.
     result['train'], result['hf_train'], result['memory'] = {}, {}, {}
-    for group in (('prompt_tuning', 'model_tuning'), ('finetune',)):
+    for group, hf_name in _TRAIN_GROUPS:
       reset_peak_rss()
       timers, infos = jax_bench.train_step_timers(bc, params, batch, group, log)
       hf_steps = {}
       if with_hf:
-        name = 'peft_prompt_tuning' if 'prompt_tuning' in group else 'full_finetune'
-        build = (hf_bench.peft_prompt_tuning if 'prompt_tuning' in group
-                 else hf_bench.full_finetune)
-        stage = jax_bench.stage_for(group[0])
-        hf_steps[name] = build(cfg, bc, batch, stage)
-        timers.append(Timer(f'hf/{name}', hf_steps[name]))
+        build = getattr(hf_bench, hf_name)
+        hf_steps[hf_name] = build(cfg, bc, batch, jax_bench.stage_for(group[0]))
+        timers.append(Timer(f'hf/{hf_name}', hf_steps[hf_name]))
       log(f'train {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
       run_round_robin(timers, bc.repeats, log)
       ours = [t for t in timers if t.name.startswith('promot_jax/')]
@@ -163,10 +168,8 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
         _log_floor(log, t.name, row['floor'])
       for t in timers:
         if t.name.startswith('hf/'):
-          name = t.name[3:]
-          result['hf_train'][name] = {
-              'step_s': t.median_s, 'first_call_s': t.first_s, 'step_times_s': t.times,
-              'optimizer_state_bytes': hf_bench.optimizer_state_bytes(hf_steps[name])}
+          result['hf_train'][t.name[3:]] = _hf_row(
+              t, hf_bench.optimizer_state_bytes(hf_steps[t.name[3:]]))
       result['memory'][' + '.join(group)] = jax_bench.memory_now()
       del timers, hf_steps
 
