@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from promot_jax.model import config, decoding, transformer as model
+from promot_jax.model import config, decoding, layers, transformer as model
 
 CFG = config.get_config('mt5_tiny', prompt_length=4, dropout_rate=0.0)
 BATCH, LENGTH, STEPS = 4, 40, 12
@@ -196,3 +196,16 @@ def test_top_k_equals_lax_top_k_ties_included(vocab):
     got, want = jax.jit(decoding.top_k, static_argnums=1)(x, k), jax.lax.top_k(x, k)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_decoding_cache_holds_the_output_head_transposed_on_cpu(params, enc):
+  """On CPU the cache carries the [vocab, embed] copy of the head that every decoding step
+  multiplies with (layers.Dense(cache_transposed=True)); the cached-vs-uncached tests above
+  check the logits it gives."""
+  assert jax.default_backend() == 'cpu'
+  net = model.Transformer(CFG)
+  encoded, valid = net.apply({'params': params}, enc, method=model.Transformer.encode)
+  cache = decoding.init_cache(net, params, encoded, valid, BATCH, STEPS)
+  copy = cache['decoder']['logits_dense'][layers.TRANSPOSED_KERNEL]
+  np.testing.assert_array_equal(np.asarray(copy),
+                                np.asarray(params['decoder']['logits_dense']['kernel']).T)

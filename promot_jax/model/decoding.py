@@ -142,7 +142,7 @@ def _reorder_cache(cache: Any, index: Array, batch: int, beams: int) -> Any:
   def gather(path, leaf):
     if leaf.ndim == 0 or leaf.shape[0] != batch * beams:
       return leaf  # the shared cache index
-    if path[-1].key in (layers.FIXED_KEY, layers.FIXED_VALUE):
+    if path[-1].key in (layers.FIXED_KEY, layers.FIXED_VALUE, layers.TRANSPOSED_KERNEL):
       return leaf
     rows = leaf.reshape((batch, beams) + leaf.shape[1:])
     return _gather_beams(rows, index).reshape(leaf.shape)

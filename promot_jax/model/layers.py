@@ -50,24 +50,41 @@ class RMSNorm(nn.Module):
     return jnp.asarray(y * scale, self.dtype)
 
 
+# The decoding cache's copy of a kernel stored [out, in] (Dense(cache_transposed=True)).
+TRANSPOSED_KERNEL = 'transposed_kernel'
+
+
 class Dense(nn.Module):
   """A bias-free dense layer with a 2-D kernel [in, out] (t5x's DenseGeneral storage).
 
   The LoRA seam: given an attached `lora` spec whose targets match this module's path, the
   layer owns lora_a [in, rank] and lora_b [rank, out] and adds scale * (x A) B (model/lora.py).
+
+  `cache_transposed`: while decoding (the 'cache' collection mutable) the layer keeps its
+  kernel transposed, [out, in], in the cache, made once when the cache is built, and
+  multiplies a few rows at a time with that copy. For mT5's [512, 250112] output head on
+  XLA:CPU a product of 8 rows with the [out, in] copy took 28 ms against 47 ms with the stored
+  [in, out] kernel (32 rows: 50 vs 77 ms), at every decoded position. Training never sees it.
   """
   features: int
   kernel_axes: tuple[str, str]
   kernel_init: Initializer = default_kernel_init
   dtype: Any = jnp.float32
   lora: Optional[LoraSpec] = None
+  cache_transposed: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = logical_param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                     self.kernel_axes)
     x = jnp.asarray(x, self.dtype)
-    y = jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
+    if self.cache_transposed and self.is_mutable_collection('cache'):
+      if not self.has_variable('cache', TRANSPOSED_KERNEL):       # building the cache
+        self.put_variable('cache', TRANSPOSED_KERNEL, constrain(
+            jnp.asarray(kernel, self.dtype).T, self.kernel_axes[::-1]))
+      y = jnp.einsum('...i,oi->...o', x, self.get_variable('cache', TRANSPOSED_KERNEL))
+    else:
+      y = jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
     if self.lora is not None and self.lora.applies('/'.join(self.path)):
       rank = self.lora.rank
       a = logical_param(self, 'lora_a', lora_a_init, (x.shape[-1], rank),

@@ -178,7 +178,9 @@ class Decoder(nn.Module):
     if cfg.logits_via_embedding:
       logits = embedder.attend(y) / jnp.sqrt(y.shape[-1]).astype(dt)
     else:
+      # On CPU decoding reads the head from a transposed copy in the cache (layers.Dense).
       logits = layers.Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=dt, lora=lora,
+                            cache_transposed=decode and jax.default_backend() == 'cpu',
                             name='logits_dense')(y)
     return layers.constrain(logits, ('batch', 'length', 'vocab'))
 
