@@ -7,6 +7,9 @@ with the prompt only (the prompt / no-prompt difference is the encoder's, which 
 and greedy tests cover both ways).
 """
 
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +212,23 @@ def test_decoding_cache_holds_the_output_head_transposed_on_cpu(params, enc):
   copy = cache['decoder']['logits_dense'][layers.TRANSPOSED_KERNEL]
   np.testing.assert_array_equal(np.asarray(copy),
                                 np.asarray(params['decoder']['logits_dense']['kernel']).T)
+
+
+def test_transposed_head_is_made_once_per_head_array_and_dropped_with_it(params):
+  kernel = params['decoder']['logits_dense']['kernel']
+  first = decoding.transposed_head(CFG, params)
+  assert decoding.transposed_head(CFG, params) is first          # kept: no second copy
+  np.testing.assert_array_equal(np.asarray(first), np.asarray(kernel).T)
+  # Other parameters (a new head array) get their own copy, freed when that array is.
+  other = {'decoder': {'logits_dense': {'kernel': kernel + 1.0}}}
+  copy = decoding.transposed_head(CFG, other)
+  assert copy is not first
+  np.testing.assert_array_equal(np.asarray(copy), np.asarray(kernel + 1.0).T)
+  copy_ref = weakref.ref(copy)
+  del other, copy
+  gc.collect()
+  assert copy_ref() is None
+  # Under a trace there is nothing to keep: the jitted decoder makes its own copy.
+  seen = []
+  jax.jit(lambda p: seen.append(decoding.transposed_head(CFG, p)) or 0)(params)
+  assert seen == [None]

@@ -11,7 +11,8 @@ here moves them between devices.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, NamedTuple
+import weakref
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +25,42 @@ Array = jax.Array
 PAD_ID, EOS_ID = 0, 1
 
 
+# id(head kernel array) -> (weak reference to it, its transposed copy); see transposed_head.
+_TRANSPOSED_HEADS: dict[int, tuple[Any, Array]] = {}
+
+
+@jax.jit
+def _transpose(kernel: Array) -> Array:
+  return kernel.T
+
+
+def transposed_head(config: T5Config, params: Mapping[str, Any]) -> Optional[Array]:
+  """The [vocab, embed] copy of the output head that decoding on CPU multiplies with
+  (layers.Dense(cache_transposed=True)), made once per head array and kept while that array
+  lives, so that repeated decoding calls with the same parameters (evaluation batches, the
+  bench) do not each copy 512 MB (mT5's head). None where decoding makes no copy (not CPU,
+  logits tied to the embedding) or cannot keep one (traced parameters): the jitted decoder
+  then makes its own."""
+  kernel = params.get('decoder', {}).get('logits_dense', {}).get('kernel')
+  if (kernel is None or not isinstance(kernel, jax.Array) or isinstance(kernel, jax.core.Tracer)
+      or jax.default_backend() != 'cpu'):
+    return None
+  key = id(kernel)
+  hit = _TRANSPOSED_HEADS.get(key)
+  if hit is not None and hit[0]() is kernel:
+    return hit[1]
+  copy = _transpose(kernel.astype(jnp.dtype(config.dtype)))
+  _TRANSPOSED_HEADS[key] = (weakref.ref(kernel, lambda _: _TRANSPOSED_HEADS.pop(key, None)), copy)
+  return copy
+
+
 def init_cache(model: Transformer, params: Mapping[str, Any], encoded: Array, valid: Array,
-               batch: int, max_decode_length: int, with_prompt: bool = False) -> Any:
+               batch: int, max_decode_length: int, with_prompt: bool = False,
+               head_t: Optional[Array] = None) -> Any:
   """The decoding cache: per self-attention layer zeroed keys/values [batch,
   max_decode_length, heads, kv] and an index; per cross-attention layer the encoder's keys and
-  values projected once here ([batch, heads, encoded length, kv]; layers.FIXED_KEY).
+  values projected once here ([batch, heads, encoded length, kv]; layers.FIXED_KEY); on CPU
+  the output head transposed (`head_t` when given, from `transposed_head`).
 
   Only the cache is used of this call, so under jit the rest of it (a decoder pass over a
   dummy input) is dead code that XLA removes; the decoding functions here are all jitted.
@@ -37,7 +69,11 @@ def init_cache(model: Transformer, params: Mapping[str, Any], encoded: Array, va
   _, variables = model.apply({'params': params}, encoded, valid, dummy, decode=True,
                              max_decode_length=max_decode_length, with_prompt=with_prompt,
                              method=Transformer.decode, mutable=['cache'])
-  return variables['cache']
+  cache = variables['cache']
+  if head_t is not None:   # the kept copy replaces the one made here (then dead code)
+    cache = jax.tree_util.tree_map_with_path(
+        lambda path, x: head_t if path[-1].key == layers.TRANSPOSED_KERNEL else x, cache)
+  return cache
 
 
 def decode_step(model: Transformer, params: Mapping[str, Any], cache: Any, encoded: Array,
@@ -62,17 +98,18 @@ def greedy_decode(config: T5Config, params: Mapping[str, Any], encoder_input_tok
   `eos_id` is traced (-1 never stops early).
   """
   return greedy_decode_jitted(config, params, encoder_input_tokens, max_decode_length, with_prompt,
-                        jnp.int32(eos_id))
+                        jnp.int32(eos_id), transposed_head(config, params))
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'max_decode_length', 'with_prompt'))
 def greedy_decode_jitted(config: T5Config, params: Mapping[str, Any], encoder_input_tokens: Array,
-                   max_decode_length: int, with_prompt: bool, eos_id: Array) -> Array:
+                   max_decode_length: int, with_prompt: bool, eos_id: Array,
+                   head_t: Optional[Array] = None) -> Array:
   model = Transformer(config)
   batch = encoder_input_tokens.shape[0]
   encoded, valid = model.apply({'params': params}, encoder_input_tokens, with_prompt=with_prompt,
                                method=Transformer.encode)
-  cache = init_cache(model, params, encoded, valid, batch, max_decode_length, with_prompt)
+  cache = init_cache(model, params, encoded, valid, batch, max_decode_length, with_prompt, head_t)
 
   def body(state):
     i, cache, prev, out, done = state
@@ -153,14 +190,14 @@ def _reorder_cache(cache: Any, index: Array, batch: int, beams: int) -> Any:
                                              'with_prompt'))
 def beam_search_jitted(config: T5Config, params: Mapping[str, Any], encoder_input_tokens: Array,
                  max_decode_length: int, beam_size: int, alpha: Array, with_prompt: bool,
-                 eos_id: Array) -> BeamSearchOutput:
+                 eos_id: Array, head_t: Optional[Array] = None) -> BeamSearchOutput:
   model = Transformer(config)
   batch, beams, length = encoder_input_tokens.shape[0], beam_size, max_decode_length
   encoded, valid = model.apply({'params': params}, encoder_input_tokens, with_prompt=with_prompt,
                                method=Transformer.encode)
   encoded = jnp.repeat(encoded, beams, axis=0)                        # row b * beams + k
   valid = jnp.repeat(valid, beams, axis=0)
-  cache = init_cache(model, params, encoded, valid, batch * beams, length, with_prompt)
+  cache = init_cache(model, params, encoded, valid, batch * beams, length, with_prompt, head_t)
   max_penalty = length_penalty(length, alpha)
 
   def body(state):
@@ -236,7 +273,8 @@ def beam_search(config: T5Config, params: Mapping[str, Any], encoder_input_token
   if alpha < 0:
     raise ValueError(f'The length penalty alpha must be >= 0, got {alpha}.')
   out = beam_search_jitted(config, params, encoder_input_tokens, max_decode_length, beam_size,
-                     jnp.float32(alpha), with_prompt, jnp.int32(eos_id))
+                     jnp.float32(alpha), with_prompt, jnp.int32(eos_id),
+                     transposed_head(config, params))
   return out if return_scores else out.tokens
 
 
