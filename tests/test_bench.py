@@ -246,11 +246,12 @@ def test_an_isolated_workload_that_fails_to_build_is_a_clear_error():
     isolate.start([('bogus', 'x')], common.PRESETS['quick'])
 
 
-@pytest.mark.parametrize('workload,sparse', [('finetune', 'off'), ('beam4', 'auto'),
-                                             ('head', 'auto')])
-def test_bench_alone_times_one_workload_back_to_back(workload, sparse, capsys):
+@pytest.mark.parametrize('workload,sparse,extra', [('finetune', 'off', []), ('beam4', 'auto', []),
+                                                   ('head', 'auto', []),
+                                                   ('head', 'auto', ['--stored'])])
+def test_bench_alone_times_one_workload_back_to_back(workload, sparse, extra, capsys):
   from promot_jax.tools.bench import alone
-  out = alone.main([workload, '--quick', '--calls', '2', '--sparse-embedding', sparse])
+  out = alone.main([workload, '--quick', '--calls', '2', '--sparse-embedding', sparse] + extra)
   assert out['workload'] == workload and len(out['times_s']) == 2
   assert all(t > 0 for t in out['times_s']) and out['median_s'] > 0
   assert (out['compile_s'] is not None) == (workload == 'finetune')

@@ -4,6 +4,7 @@
   python -m promot_jax.tools.bench.alone model_tuning --sleep 6     # a pause before each call
   python -m promot_jax.tools.bench.alone beam4                      # or greedy
   python -m promot_jax.tools.bench.alone head --rows 8               # one decoding step's head
+  python -m promot_jax.tools.bench.alone head --rows 8 --stored      # ... with the stored kernel
 
 `promot bench` times workloads round-robin so that a ratio comes from one run; this times one
 workload back to back (what a training loop does), at the same shapes (mT5-small, batch 8,
@@ -35,6 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   p.add_argument('--rows', type=int, default=8,
                  help='head: rows of the [rows, embed] x [embed, vocab] product (8 greedy, '
                       '32 beam 4)')
+  p.add_argument('--stored', action='store_true',
+                 help='head: multiply with the stored [embed, vocab] kernel instead of the '
+                      '[vocab, embed] copy decoding uses on CPU (layers.Dense)')
   p.add_argument('--calls', type=int, default=5, help='timed calls after two untimed ones')
   p.add_argument('--sleep', type=float, default=0.0, help='seconds idle before each call')
   p.add_argument('--sparse-embedding', choices=list(_SPARSE), default='auto',
@@ -53,7 +57,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   elif args.workload == 'head':
     kernel = jax.device_put(params['decoder']['logits_dense']['kernel'])
     hidden = jax.numpy.ones((args.rows, kernel.shape[0]), kernel.dtype)
-    product = jax.jit(lambda h, k: h @ k)
+    if args.stored:
+      product = jax.jit(lambda h, k: h @ k)
+    else:
+      kernel = jax.block_until_ready(kernel.T)     # a transposed copy, as decoding keeps
+      product = jax.jit(lambda h, k: jax.numpy.einsum('be,ve->bv', h, k))
     call = lambda: jax.block_until_ready(product(hidden, kernel))  # noqa: E731
   else:
     name = 'promot_jax/greedy' if args.workload == 'greedy' else f'promot_jax/beam{bc.beam_size}'
