@@ -43,7 +43,7 @@ def transposed_head(config: T5Config, params: Mapping[str, Any]) -> Optional[Arr
   then makes its own."""
   kernel = params.get('decoder', {}).get('logits_dense', {}).get('kernel')
   if (kernel is None or not isinstance(kernel, jax.Array) or isinstance(kernel, jax.core.Tracer)
-      or jax.default_backend() != 'cpu'):
+      or not layers.decodes_with_transposed_head()):
     return None
   key = id(kernel)
   hit = _TRANSPOSED_HEADS.get(key)

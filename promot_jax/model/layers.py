@@ -54,6 +54,12 @@ class RMSNorm(nn.Module):
 TRANSPOSED_KERNEL = 'transposed_kernel'
 
 
+def decodes_with_transposed_head() -> bool:
+  """Whether decoding multiplies with a transposed copy of the output head (Dense below):
+  on XLA:CPU, where it pays; accelerators lay the product out themselves."""
+  return jax.default_backend() == 'cpu'
+
+
 class Dense(nn.Module):
   """A bias-free dense layer with a 2-D kernel [in, out] (t5x's DenseGeneral storage).
 

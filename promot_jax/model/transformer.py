@@ -180,7 +180,7 @@ class Decoder(nn.Module):
     else:
       # On CPU decoding reads the head from a transposed copy in the cache (layers.Dense).
       logits = layers.Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=dt, lora=lora,
-                            cache_transposed=decode and jax.default_backend() == 'cpu',
+                            cache_transposed=decode and layers.decodes_with_transposed_head(),
                             name='logits_dense')(y)
     return layers.constrain(logits, ('batch', 'length', 'vocab'))
 
