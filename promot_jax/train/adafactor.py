@@ -97,6 +97,8 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
       if sparse.is_sparse(g):
         return _sparse_rows_update(g, v_row, v_col, v, p)
       dims = _factored_dims(g.shape, min_dim_size_to_factor)
+      if dims == (0, 1) and g.shape[1] >= _WIDE:
+        return _wide_update(g, v_row, v_col, v, p)
       if dims is not None:                 # 2-D (larger factored shapes go to optax, below)
         d1, d0 = dims                      # d0: the longest axis, reduced for v_row
         g_sq = g * g + eps
@@ -112,6 +114,28 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
         new_row, new_col = v_row, v_col
       scale = _scale(_mean_all(u * u), p)
       return (-scale * u).astype(p.dtype), new_row, new_col, new_v
+
+    def _wide_update(g, v_row, v_col, v, p):
+      """`one` for a wide [rows, columns] leaf (the [512, 250112] output head kernel).
+
+      Every statistic comes from one materialised g^2 through matrix-vector products: its
+      row and column sums (v_row, v_col; the eps of g^2 + eps added to the means) and the
+      update's mean square, sum_rc g^2 rf_r^2 cf_c^2 = rf^2 . (g^2 cf^2), so the update
+      itself is formed only where it is applied. The barrier keeps XLA:CPU from fusing
+      g * g into the column sum, which it then emits as a strided loop.
+      """
+      rows, cols = g.shape
+      g2 = jax.lax.optimization_barrier(g * g)
+      new_row = (beta * v_row + (1.0 - beta) * (_sum(g2, 1) / cols + eps)).astype(v_row.dtype)
+      new_col = (beta * v_col + (1.0 - beta) * (_sum(g2, 0) / rows + eps)).astype(v_col.dtype)
+      row_factor = jax.lax.rsqrt(new_row / jnp.mean(new_row))
+      col_factor = jax.lax.rsqrt(new_col)
+      u_sum_sq = jnp.vdot(row_factor * row_factor,
+                          jnp.dot(g2, col_factor * col_factor,
+                                  precision=jax.lax.Precision.HIGHEST))
+      scale = _scale(u_sum_sq / (rows * cols), p)
+      u = g * row_factor[:, None] * col_factor[None, :]
+      return (-scale * u).astype(p.dtype), new_row, new_col, v
 
     def _scale(u_mean_square, p):
       """The learning rate after update clipping and parameter-RMS scaling."""
