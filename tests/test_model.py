@@ -151,3 +151,28 @@ def test_relative_position_buckets_match_t5_layout():
   assert enc[200] == 0 and enc[201] == 17 and enc[199] == 1   # bidirectional: future -> upper half
   assert dec[201:].max() == 0                                   # causal: future keys all bucket 0
   assert dec[200 - 7] == 7 and dec[0] == 31                     # causal uses all 32 for the past
+
+
+@pytest.mark.parametrize('lead', [(6,), (2, 5), (2, 3, 4)])
+def test_kernel_product_matches_einsum_and_its_gradients(lead):
+  """layers.kernel_product (Dense on CPU): jnp.einsum's values and both cotangents."""
+  kx, kk, kd = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, lead + (7,))
+  kernel = jax.random.normal(kk, (7, 9))
+  dy = jax.random.normal(kd, lead + (9,))
+  reference = lambda x, k: jnp.einsum('...i,io->...o', x, k)  # noqa: E731
+  np.testing.assert_allclose(layers.kernel_product(x, kernel), reference(x, kernel), rtol=1e-6)
+  ours = jax.vjp(layers.kernel_product, x, kernel)[1](dy)
+  theirs = jax.vjp(reference, x, kernel)[1](dy)
+  for a, b in zip(ours, theirs):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_multiplies_through_kernel_product_on_cpu():
+  dense = layers.Dense(4, ('embed', 'mlp'))
+  x = jnp.ones((2, 3, 5))
+  params = dense.init(jax.random.PRNGKey(0), x)
+  jaxpr = str(jax.make_jaxpr(lambda p: dense.apply(p, x))(params))
+  assert layers.products_with_own_kernel_gradient() == (jax.default_backend() == 'cpu')
+  assert ('custom_vjp_call' in jaxpr) == layers.products_with_own_kernel_gradient()

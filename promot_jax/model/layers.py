@@ -60,6 +60,40 @@ def decodes_with_transposed_head() -> bool:
   return jax.default_backend() == 'cpu'
 
 
+@jax.custom_vjp
+def kernel_product(x: Array, kernel: Array) -> Array:
+  """x [..., in] @ kernel [in, out], whose kernel gradient is one product over the leading axes.
+
+  jax's rule for the kernel's cotangent forms dy^T x and transposes it; XLA:CPU then writes
+  dy (often the output of a long elementwise fusion: the gated GELU's backward, the loss's
+  gradient) transposed with strided stores and multiplies with Eigen. Written as x^T dy it
+  transposes x instead (a plain copy of a stored activation) and runs the product through
+  its GEMM library: the fine-tuning step's kernel gradients, the head's [512, 250112] one
+  included, got faster (README, Performance). Same values as jnp.einsum ('tests/test_layers.py').
+  """
+  return jnp.einsum('...i,io->...o', x, kernel)
+
+
+def _kernel_product_fwd(x, kernel):
+  return kernel_product(x, kernel), (x, kernel)
+
+
+def _kernel_product_bwd(residuals, dy):
+  x, kernel = residuals
+  lead = ''.join(chr(ord('a') + i) for i in range(x.ndim - 1))
+  return (jnp.einsum('...o,io->...i', dy, kernel),
+          jnp.einsum(f'{lead}i,{lead}o->io', x, dy))
+
+
+kernel_product.defvjp(_kernel_product_fwd, _kernel_product_bwd)
+
+
+def products_with_own_kernel_gradient() -> bool:
+  """Whether Dense multiplies through `kernel_product`: on XLA:CPU, where the layout of
+  jax's own rule is slow; accelerators lay the product out themselves."""
+  return jax.default_backend() == 'cpu'
+
+
 class Dense(nn.Module):
   """A bias-free dense layer with a 2-D kernel [in, out] (t5x's DenseGeneral storage).
 
@@ -90,6 +124,8 @@ class Dense(nn.Module):
         self.put_variable('cache', TRANSPOSED_KERNEL, constrain(
             jnp.asarray(kernel, self.dtype).T, self.kernel_axes[::-1]))
       y = jnp.einsum('...i,oi->...o', x, self.get_variable('cache', TRANSPOSED_KERNEL))
+    elif products_with_own_kernel_gradient():
+      y = kernel_product(x, jnp.asarray(kernel, self.dtype))
     else:
       y = jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
     if self.lora is not None and self.lora.applies('/'.join(self.path)):
