@@ -11,6 +11,17 @@ so `promot` re-executes itself once with it set, before anything is imported or 
 It is skipped when it cannot help or is not wanted: not Linux, not glibc >= 2.35,
 transparent huge pages not in `madvise` mode (`always` already gives them, `never` forbids
 them), the tunable already set, or `PROMOT_HUGEPAGES=0`.
+
+Keeping freed memory (`KEEP_FREED`; `promot bench` and `bench.alone` by default,
+any command with `PROMOT_KEEP_FREED_MEMORY=1`, none with `=0`): glibc then serves every
+allocation from one heap it never gives back (one arena, no mmap'd chunks, no trimming), so a
+step reuses the pages of the step before. Under a hypervisor that takes back a guest's free
+pages (virtio-balloon free page reporting, as on the bench's VM) every page returned to the
+kernel costs a fault in the host when it is touched again: there a fine-tuning step after 6 s
+idle took 8.4 s with the default allocator and 2.2 s with freed memory kept, and
+transformers' fine-tuning step, back to back, 4.2 s vs 2.0 s (README, Performance). The
+cost: the heap keeps its high-water mark (and may grow once by fragmentation), so it is a
+measurement setting, not every command's default.
 """
 
 from __future__ import annotations
@@ -21,6 +32,9 @@ import sys
 from typing import Mapping, Optional, Sequence
 
 TUNABLE = 'glibc.malloc.hugetlb=1'
+KEEP_FREED = ('glibc.malloc.arena_max=1', 'glibc.malloc.mmap_max=0',
+              'glibc.malloc.trim_threshold=68719476736')
+KEEP_FREED_COMMANDS = ('bench',)
 THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
@@ -43,28 +57,50 @@ def thp_mode(path: str = THP_ENABLED) -> Optional[str]:
 
 
 def hugepage_environment(environ: Mapping[str, str], libc: tuple[str, str],
-                         thp_mode: Optional[str], system: str) -> Optional[dict]:
-  """The environment to re-run `promot` with, or None when nothing should change."""
-  if environ.get('PROMOT_HUGEPAGES', '1') == '0' or system != 'Linux':
-    return None
-  if libc[0] != 'glibc' or not _glibc_at_least(libc[1]) or thp_mode != 'madvise':
+                         thp_mode: Optional[str], system: str,
+                         keep_freed: bool = False) -> Optional[dict]:
+  """The environment to re-run with, or None when nothing should change.
+
+  `keep_freed`: add the KEEP_FREED tunables (unless the user set any of them)."""
+  if system != 'Linux' or libc[0] != 'glibc' or not _glibc_at_least(libc[1]):
     return None
   tunables = environ.get('GLIBC_TUNABLES', '')
-  if 'glibc.malloc.hugetlb' in tunables:
+  add = []
+  if (environ.get('PROMOT_HUGEPAGES', '1') != '0' and thp_mode == 'madvise'
+      and 'glibc.malloc.hugetlb' not in tunables):
+    add.append(TUNABLE)
+  if keep_freed and not any(t.split('=')[0] in tunables for t in KEEP_FREED):
+    add.extend(KEEP_FREED)
+  if not add:
     return None
   env = dict(environ)
-  env['GLIBC_TUNABLES'] = f'{tunables}:{TUNABLE}' if tunables else TUNABLE
+  env['GLIBC_TUNABLES'] = ':'.join(([tunables] if tunables else []) + add)
   return env
 
 
-def reexec_with_hugepages(argv: Sequence[str]) -> None:
-  """Replace this process by `python -m promot_jax.cli ARGV` with the tunable (or return)."""
-  env = hugepage_environment(os.environ, platform.libc_ver(), thp_mode(), platform.system())
+def keeps_freed_memory(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
+  """Whether `promot ARGV` keeps freed memory: the bench by default, PROMOT_KEEP_FREED_MEMORY
+  (1 or 0) decides for any command."""
+  default = '1' if list(argv[:1]) and argv[0] in KEEP_FREED_COMMANDS else '0'
+  return environ.get('PROMOT_KEEP_FREED_MEMORY', default) == '1'
+
+
+def reexec_with_hugepages(argv: Sequence[str], module: str = 'promot_jax.cli',
+                          keep_freed: Optional[bool] = None) -> None:
+  """Replace this process by `python -m MODULE ARGV` with the tunables (or return).
+
+  `keep_freed`: None decides by the command (keeps_freed_memory)."""
+  if keep_freed is None:
+    keep_freed = keeps_freed_memory(argv, os.environ)
+  elif 'PROMOT_KEEP_FREED_MEMORY' in os.environ:
+    keep_freed = os.environ['PROMOT_KEEP_FREED_MEMORY'] == '1'
+  env = hugepage_environment(os.environ, platform.libc_ver(), thp_mode(), platform.system(),
+                             keep_freed=keep_freed)
   if env is None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
   try:
-    os.execve(sys.executable, [sys.executable, '-m', 'promot_jax.cli', *argv], env)
+    os.execve(sys.executable, [sys.executable, '-m', module, *argv], env)
   except OSError:
-    return          # could not re-execute: run on without huge pages
+    return          # could not re-execute: run on as started

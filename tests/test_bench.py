@@ -256,3 +256,13 @@ def test_bench_alone_times_one_workload_back_to_back(workload, sparse, extra, ca
   assert all(t > 0 for t in out['times_s']) and out['median_s'] > 0
   assert (out['compile_s'] is not None) == (workload == 'finetune')
   assert f'{workload} (sparse_embedding {sparse}' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('workload', ['hf/full_finetune', 'hf/greedy'])
+def test_bench_alone_times_transformers_side(workload, capsys):
+  pytest.importorskip('transformers')
+  pytest.importorskip('torch')
+  from promot_jax.tools.bench import alone
+  out = alone.main([workload, '--quick', '--calls', '2'])
+  assert out['workload'] == workload and len(out['times_s']) == 2 and out['median_s'] > 0
+  assert out['compile_s'] is None and workload in capsys.readouterr().out

@@ -47,8 +47,8 @@ def _environment() -> dict:
   return {'machine': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
           'jax': jax.__version__, 'backend': jax.default_backend(),
           'devices': [str(d) for d in jax.devices()], 'load_average_start': _load(),
-          # glibc.malloc.hugetlb=1 when `promot` set it (promot_jax.host_memory); it
-          # applies to the whole process, so to transformers' side of a ratio as well
+          # what `promot` set (promot_jax.host_memory: huge pages, freed memory kept);
+          # it applies to the whole process, so to transformers' side of a ratio as well
           'glibc_tunables': os.environ.get('GLIBC_TUNABLES')}
 
 

@@ -5,13 +5,15 @@
   python -m promot_jax.tools.bench.alone beam4                      # or greedy
   python -m promot_jax.tools.bench.alone head --rows 8               # one decoding step's head
   python -m promot_jax.tools.bench.alone head --rows 8 --stored      # ... with the stored kernel
+  python -m promot_jax.tools.bench.alone hf/full_finetune            # transformers' side, too
 
 `promot bench` times workloads round-robin so that a ratio comes from one run; this times one
 workload back to back (what a training loop does), at the same shapes (mT5-small, batch 8,
 inputs 128, targets 16, prompt 100; --quick: the tiny test model). Run it once per variant,
 in separate processes, alternating. It prints the median and every call's seconds.
-Run it as `python -m`, not through `promot`: the process has the allocator settings it was
-started with (`promot` sets glibc.malloc.hugetlb=1; set GLIBC_TUNABLES for the same here).
+Like `promot bench` it re-executes itself once under the bench's allocator settings (huge
+pages, freed memory kept: promot_jax.host_memory; PROMOT_HUGEPAGES=0 and
+PROMOT_KEEP_FREED_MEMORY=0 opt out), so both time the same thing.
 """
 
 from __future__ import annotations
@@ -24,15 +26,20 @@ from typing import Optional, Sequence
 
 import jax
 
-from promot_jax.tools.bench import jax_bench
+from promot_jax import host_memory
+from promot_jax.tools.bench import hf_bench, jax_bench
 from promot_jax.tools.bench.common import PRESETS, synthetic_batch
 
 _SPARSE = {'auto': None, 'on': True, 'off': False}
+# transformers' workloads and the promot_jax stage each is matched with (stage settings).
+_HF_TRAIN = {'hf/full_finetune': 'finetune', 'hf/peft_prompt_tuning': 'prompt_tuning'}
+_HF_DECODE = ('hf/greedy', 'hf/beam4')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('workload', choices=list(jax_bench.STAGE_NAMES) + ['greedy', 'beam4', 'head'])
+  p.add_argument('workload', choices=list(jax_bench.STAGE_NAMES) + ['greedy', 'beam4', 'head']
+                 + list(_HF_TRAIN) + list(_HF_DECODE))
   p.add_argument('--rows', type=int, default=8,
                  help='head: rows of the [rows, embed] x [embed, vocab] product (8 greedy, '
                       '32 beam 4)')
@@ -63,6 +70,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       kernel = jax.block_until_ready(kernel.T)     # a transposed copy, as decoding keeps
       product = jax.jit(lambda h, k: jax.numpy.einsum('be,ve->bv', h, k))
     call = lambda: jax.block_until_ready(product(hidden, kernel))  # noqa: E731
+  elif args.workload in _HF_TRAIN:
+    build = getattr(hf_bench, args.workload[3:])
+    call = build(jax_bench.model_config(bc), bc, batch,
+                 jax_bench.stage_for(_HF_TRAIN[args.workload]))
+  elif args.workload in _HF_DECODE:
+    timers = hf_bench.generate_timers(jax_bench.model_config(bc), bc, batch)
+    call = next(t.call for t in timers if t.name == args.workload.replace('4', str(bc.beam_size)))
   else:
     name = 'promot_jax/greedy' if args.workload == 'greedy' else f'promot_jax/beam{bc.beam_size}'
     call = next(t.call for t in jax_bench.decode_timers(bc, params, batch) if t.name == name)
@@ -85,4 +99,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_hugepages(sys.argv[1:], module='promot_jax.tools.bench.alone',
+                                    keep_freed=True)
   main(sys.argv[1:])
