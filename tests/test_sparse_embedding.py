@@ -128,7 +128,9 @@ def test_sparse_train_step_equals_dense(kind):
   assert moved.max() > 0 and (moved.max(axis=1) > 0).sum() < cfg.vocab_size // 4
   for a, b in zip(jax.tree_util.tree_leaves(sparse_state.opt_state),
                   jax.tree_util.tree_leaves(dense_state.opt_state)):
-    _close(a, b, 'optimizer state', rtol=1e-4, atol=1e-30)
+    # atol stays at eps scale (the closed-form rows decay to ~1e-30); rtol allows float32's
+    # reassociation in the two steps' backward passes, squared into the second moments
+    _close(a, b, 'optimizer state', rtol=3e-4, atol=1e-30)
 
 
 def test_plan_decides_when_the_sparse_update_applies():
