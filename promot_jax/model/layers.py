@@ -69,7 +69,8 @@ def kernel_product(x: Array, kernel: Array) -> Array:
   gradient) transposed with strided stores and multiplies with Eigen. Written as x^T dy it
   transposes x instead (a plain copy of a stored activation) and runs the product through
   its GEMM library: the fine-tuning step's kernel gradients, the head's [512, 250112] one
-  included, got faster (README, Performance). Same values as jnp.einsum ('tests/test_layers.py').
+  included, got faster (README, Performance). Same values and cotangents as jnp.einsum
+  (tests/test_model.py).
   """
   return jnp.einsum('...i,io->...o', x, kernel)
 

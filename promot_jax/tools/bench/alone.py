@@ -76,7 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                  jax_bench.stage_for(_HF_TRAIN[args.workload]))
   elif args.workload in _HF_DECODE:
     timers = hf_bench.generate_timers(jax_bench.model_config(bc), bc, batch)
-    call = next(t.call for t in timers if t.name == args.workload.replace('4', str(bc.beam_size)))
+    name = 'hf/greedy' if args.workload == 'hf/greedy' else f'hf/beam{bc.beam_size}'
+    call = next(t.call for t in timers if t.name == name)
   else:
     name = 'promot_jax/greedy' if args.workload == 'greedy' else f'promot_jax/beam{bc.beam_size}'
     call = next(t.call for t in jax_bench.decode_timers(bc, params, batch) if t.name == name)
