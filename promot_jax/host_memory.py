@@ -78,22 +78,21 @@ def hugepage_environment(environ: Mapping[str, str], libc: tuple[str, str],
   return env
 
 
-def keeps_freed_memory(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
-  """Whether `promot ARGV` keeps freed memory: the bench by default, PROMOT_KEEP_FREED_MEMORY
-  (1 or 0) decides for any command."""
-  default = '1' if list(argv[:1]) and argv[0] in KEEP_FREED_COMMANDS else '0'
-  return environ.get('PROMOT_KEEP_FREED_MEMORY', default) == '1'
+def keeps_freed_memory(argv: Sequence[str], environ: Mapping[str, str],
+                       default: Optional[bool] = None) -> bool:
+  """Whether `promot ARGV` keeps freed memory: PROMOT_KEEP_FREED_MEMORY (1 or 0) decides for
+  any command; otherwise `default`, or (None) the bench yes and other commands no."""
+  if default is None:
+    default = bool(argv) and argv[0] in KEEP_FREED_COMMANDS
+  return environ.get('PROMOT_KEEP_FREED_MEMORY', '1' if default else '0') == '1'
 
 
 def reexec_with_hugepages(argv: Sequence[str], module: str = 'promot_jax.cli',
                           keep_freed: Optional[bool] = None) -> None:
   """Replace this process by `python -m MODULE ARGV` with the tunables (or return).
 
-  `keep_freed`: None decides by the command (keeps_freed_memory)."""
-  if keep_freed is None:
-    keep_freed = keeps_freed_memory(argv, os.environ)
-  elif 'PROMOT_KEEP_FREED_MEMORY' in os.environ:
-    keep_freed = os.environ['PROMOT_KEEP_FREED_MEMORY'] == '1'
+  `keep_freed`: the default PROMOT_KEEP_FREED_MEMORY overrides (None: by the command)."""
+  keep_freed = keeps_freed_memory(argv, os.environ, keep_freed)
   env = hugepage_environment(os.environ, platform.libc_ver(), thp_mode(), platform.system(),
                              keep_freed=keep_freed)
   if env is None:
