@@ -17,21 +17,42 @@ from typing import Any, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from promot_jax.model import layers
+from promot_jax.model import head_select, layers
 from promot_jax.model.config import T5Config
+from promot_jax.model.lora import spec_of as lora_spec_of
 from promot_jax.model.transformer import Transformer
 
 Array = jax.Array
 PAD_ID, EOS_ID = 0, 1
+top_k = head_select.top_k   # decoding.top_k, as before
 
 
-# id(head kernel array) -> (weak reference to it, its transposed copy); see transposed_head.
-_TRANSPOSED_HEADS: dict[int, tuple[Any, Array]] = {}
+# (id(head kernel array), kind) -> (weak reference to it, a copy made from it); see _kept.
+_KEPT_HEADS: dict[tuple[int, str], tuple[Any, Any]] = {}
 
 
 @jax.jit
 def _transpose(kernel: Array) -> Array:
   return kernel.T
+
+
+def _head_kernel(params: Mapping[str, Any]) -> Optional[Array]:
+  """The stored output head when it is a concrete array (not traced), else None."""
+  kernel = params.get('decoder', {}).get('logits_dense', {}).get('kernel')
+  if kernel is None or not isinstance(kernel, jax.Array) or isinstance(kernel, jax.core.Tracer):
+    return None
+  return kernel
+
+
+def _kept(kernel: Array, kind: str, build) -> Any:
+  """build(), made once per head array and kind, and kept while that array lives."""
+  key = (id(kernel), kind)
+  hit = _KEPT_HEADS.get(key)
+  if hit is not None and hit[0]() is kernel:
+    return hit[1]
+  copy = build()
+  _KEPT_HEADS[key] = (weakref.ref(kernel, lambda _: _KEPT_HEADS.pop(key, None)), copy)
+  return copy
 
 
 def transposed_head(config: T5Config, params: Mapping[str, Any]) -> Optional[Array]:
@@ -41,26 +62,45 @@ def transposed_head(config: T5Config, params: Mapping[str, Any]) -> Optional[Arr
   bench) do not each copy 512 MB (mT5's head). None where decoding makes no copy (not CPU,
   logits tied to the embedding) or cannot keep one (traced parameters): the jitted decoder
   then makes its own."""
-  kernel = params.get('decoder', {}).get('logits_dense', {}).get('kernel')
-  if (kernel is None or not isinstance(kernel, jax.Array) or isinstance(kernel, jax.core.Tracer)
-      or not layers.decodes_with_transposed_head()):
+  kernel = _head_kernel(params)
+  if kernel is None or not layers.decodes_with_transposed_head():
     return None
-  key = id(kernel)
-  hit = _TRANSPOSED_HEADS.get(key)
-  if hit is not None and hit[0]() is kernel:
-    return hit[1]
-  copy = _transpose(kernel.astype(jnp.dtype(config.dtype)))
-  _TRANSPOSED_HEADS[key] = (weakref.ref(kernel, lambda _: _TRANSPOSED_HEADS.pop(key, None)), copy)
-  return copy
+  return _kept(kernel, 'transposed',
+               lambda: _transpose(kernel.astype(jnp.dtype(config.dtype))))
+
+
+def greedy_uses_int8_head(config: T5Config, with_prompt: bool) -> bool:
+  """Whether greedy decoding picks tokens through the int8 copy of the head
+  (model/head_select.py): on CPU (where decoding keeps the head transposed), for a float32
+  head of its own (not tied to the embedding, no LoRA adapter on it)."""
+  spec = lora_spec_of(config) if with_prompt else None
+  return (layers.decodes_with_transposed_head() and not config.logits_via_embedding
+          and jnp.dtype(config.dtype) == jnp.float32
+          and not (spec is not None and spec.applies('decoder/logits_dense')))
+
+
+_quantize = jax.jit(head_select.quantize)
+
+
+def quantized_head(config: T5Config, params: Mapping[str, Any], with_prompt: bool = False
+                   ) -> Optional[head_select.QuantizedHead]:
+  """The head's transposed copy and its int8 copy for greedy decoding (head_select), kept
+  like `transposed_head`'s copy; None where greedy does not use them or they cannot be kept."""
+  kernel = _head_kernel(params)
+  if kernel is None or not greedy_uses_int8_head(config, with_prompt):
+    return None
+  return _kept(kernel, 'int8', lambda: _quantize(transposed_head(config, params)))
 
 
 def init_cache(model: Transformer, params: Mapping[str, Any], encoded: Array, valid: Array,
                batch: int, max_decode_length: int, with_prompt: bool = False,
-               head_t: Optional[Array] = None) -> Any:
+               head_t: Optional[Array] = None, hidden_only: bool = False) -> Any:
   """The decoding cache: per self-attention layer zeroed keys/values [batch,
   max_decode_length, heads, kv] and an index; per cross-attention layer the encoder's keys and
-  values projected once here ([batch, heads, encoded length, kv]; layers.FIXED_KEY); on CPU
-  the output head transposed (`head_t` when given, from `transposed_head`).
+  values projected once here ([encoded rows, heads, encoded length, kv]; layers.FIXED_KEY;
+  `batch` may be a multiple of the encoded rows: beam search's beams share them); on CPU
+  the output head transposed (`head_t` when given, from `transposed_head`), unless
+  `hidden_only` (the decoder stops before the head: greedy's int8 path).
 
   Only the cache is used of this call, so under jit the rest of it (a decoder pass over a
   dummy input) is dead code that XLA removes; the decoding functions here are all jitted.
@@ -68,7 +108,8 @@ def init_cache(model: Transformer, params: Mapping[str, Any], encoded: Array, va
   dummy = jnp.zeros((batch, max_decode_length), jnp.int32)
   _, variables = model.apply({'params': params}, encoded, valid, dummy, decode=True,
                              max_decode_length=max_decode_length, with_prompt=with_prompt,
-                             method=Transformer.decode, mutable=['cache'])
+                             hidden_only=hidden_only, method=Transformer.decode,
+                             mutable=['cache'])
   cache = variables['cache']
   if head_t is not None:   # the kept copy replaces the one made here (then dead code)
     cache = jax.tree_util.tree_map_with_path(
@@ -78,14 +119,15 @@ def init_cache(model: Transformer, params: Mapping[str, Any], encoded: Array, va
 
 def decode_step(model: Transformer, params: Mapping[str, Any], cache: Any, encoded: Array,
                 valid: Array, tokens: Array, max_decode_length: int,
-                with_prompt: bool = False) -> tuple[Array, Any]:
-  """Logits [batch, vocab] for the next position given the previous tokens [batch, 1].
+                with_prompt: bool = False, hidden_only: bool = False) -> tuple[Array, Any]:
+  """Logits [batch, vocab] for the next position given the previous tokens [batch, 1]
+  (`hidden_only`: the decoder's final hidden states [batch, embed] instead).
 
   `with_prompt` attaches the decoder's share of the format modules (LoRA adapters)."""
   logits, updated = model.apply({'params': params, 'cache': cache}, encoded, valid, tokens,
                                 decode=True, max_decode_length=max_decode_length,
-                                with_prompt=with_prompt, method=Transformer.decode,
-                                mutable=['cache'])
+                                with_prompt=with_prompt, hidden_only=hidden_only,
+                                method=Transformer.decode, mutable=['cache'])
   return logits[:, 0, :].astype(jnp.float32), updated['cache']
 
 
@@ -95,8 +137,14 @@ def greedy_decode(config: T5Config, params: Mapping[str, Any], encoder_input_tok
   """Greedy decoding. Returns tokens [batch, max_decode_length], padded with 0 after EOS.
 
   One compiled program per (config, shapes, with_prompt), however the arguments are passed;
-  `eos_id` is traced (-1 never stops early).
+  `eos_id` is traced (-1 never stops early). On CPU the next token comes from an int8 copy of
+  the head and the float32 logits of the few tokens that can still be the largest
+  (model/head_select.py): the float32 argmax, without reading the float32 head every step.
   """
+  if greedy_uses_int8_head(config, with_prompt):
+    return greedy_decode_jitted(config, params, encoder_input_tokens, max_decode_length,
+                                with_prompt, jnp.int32(eos_id),
+                                quantized=quantized_head(config, params, with_prompt))
   return greedy_decode_jitted(config, params, encoder_input_tokens, max_decode_length, with_prompt,
                         jnp.int32(eos_id), transposed_head(config, params))
 
@@ -104,18 +152,26 @@ def greedy_decode(config: T5Config, params: Mapping[str, Any], encoder_input_tok
 @functools.partial(jax.jit, static_argnames=('config', 'max_decode_length', 'with_prompt'))
 def greedy_decode_jitted(config: T5Config, params: Mapping[str, Any], encoder_input_tokens: Array,
                    max_decode_length: int, with_prompt: bool, eos_id: Array,
-                   head_t: Optional[Array] = None) -> Array:
+                   head_t: Optional[Array] = None,
+                   quantized: Optional[head_select.QuantizedHead] = None) -> Array:
   model = Transformer(config)
   batch = encoder_input_tokens.shape[0]
+  int8_head = greedy_uses_int8_head(config, with_prompt)
+  if int8_head and quantized is None:     # traced parameters: make the copies here
+    quantized = head_select.quantize(params['decoder']['logits_dense']['kernel'].T)
   encoded, valid = model.apply({'params': params}, encoder_input_tokens, with_prompt=with_prompt,
                                method=Transformer.encode)
-  cache = init_cache(model, params, encoded, valid, batch, max_decode_length, with_prompt, head_t)
+  cache = init_cache(model, params, encoded, valid, batch, max_decode_length, with_prompt, head_t,
+                     hidden_only=int8_head)
 
   def body(state):
     i, cache, prev, out, done = state
-    logits, cache = decode_step(model, params, cache, encoded, valid, prev, max_decode_length,
-                                    with_prompt)
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)             # [batch]
+    out_step, cache = decode_step(model, params, cache, encoded, valid, prev, max_decode_length,
+                                  with_prompt, hidden_only=int8_head)
+    if int8_head:
+      token = head_select.argmax(out_step, quantized)
+    else:
+      token = jnp.argmax(out_step, axis=-1).astype(jnp.int32)           # [batch]
     token = jnp.where(done, PAD_ID, token)
     out = out.at[:, i].set(token)
     return i + 1, cache, token[:, None], out, done | (token == eos_id)
@@ -153,25 +209,6 @@ def _gather_beams(x: Array, index: Array) -> Array:
   return jnp.take_along_axis(x, index, axis=1)
 
 
-def top_k(x: Array, k: int) -> tuple[Array, Array]:
-  """jax.lax.top_k over the last axis of x [rows, vocab], the same values and indices (equal
-  values: lower index first), in two short passes when vocab splits into chunks: the k chunks
-  with the largest maxima hold the k largest values, so only those k chunks are ranked.
-  XLA:CPU's top_k over mT5's 250,112 logits of 32 rows takes 8-9 ms; this ~1 ms.
-  """
-  rows, vocab = x.shape
-  chunk = next((c for c in (256, 128, 64) if vocab % c == 0 and vocab // c >= k), None)
-  if chunk is None:
-    return jax.lax.top_k(x, k)
-  chunks = x.reshape(rows, vocab // chunk, chunk)
-  _, best = jax.lax.top_k(jnp.max(chunks, axis=-1), k)
-  best = jnp.sort(best, axis=-1)          # candidates in vocabulary order, so ties break as one
-  candidates = jnp.take_along_axis(chunks, best[:, :, None], axis=1).reshape(rows, k * chunk)
-  values, position = jax.lax.top_k(candidates, k)
-  index = jnp.take_along_axis(best, position // chunk, axis=1) * chunk + position % chunk
-  return values, index
-
-
 def _reorder_cache(cache: Any, index: Array, batch: int, beams: int) -> Any:
   """Re-select the rows of every [batch * beams, ...] self-attention cache leaf after beams
   were re-chosen. The cross-attention keys/values are the same for every beam of an example,
@@ -195,8 +232,8 @@ def beam_search_jitted(config: T5Config, params: Mapping[str, Any], encoder_inpu
   batch, beams, length = encoder_input_tokens.shape[0], beam_size, max_decode_length
   encoded, valid = model.apply({'params': params}, encoder_input_tokens, with_prompt=with_prompt,
                                method=Transformer.encode)
-  encoded = jnp.repeat(encoded, beams, axis=0)                        # row b * beams + k
-  valid = jnp.repeat(valid, beams, axis=0)
+  # The decoder runs on rows b * beams + k; the encoder's output stays one row per example,
+  # whose cross-attention keys/values all its beams share (layers.MultiHeadAttention).
   cache = init_cache(model, params, encoded, valid, batch * beams, length, with_prompt, head_t)
   max_penalty = length_penalty(length, alpha)
 
@@ -210,7 +247,9 @@ def beam_search_jitted(config: T5Config, params: Mapping[str, Any], encoder_inpu
     # arithmetic as log_softmax) instead of all [batch, beams, vocab]; equal values still
     # rank by beam, then token.
     row_top, row_token = top_k(logits, 2 * beams)                    # [batch * beams, 2B]
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    # The largest logit, without another pass over the row (a slice of row_top would do, but
+    # XLA:CPU then lowers the top_k above to a full sort).
+    row_max = jnp.max(row_top, axis=-1, keepdims=True)
     log_norm = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True))
     row_lp = ((row_top - row_max) - log_norm).reshape(batch, beams, 2 * beams)
     candidates = (live_lp[:, :, None] + row_lp).reshape(batch, beams * 2 * beams)

@@ -9,6 +9,7 @@ without reshaping.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -54,10 +55,36 @@ class RMSNorm(nn.Module):
 TRANSPOSED_KERNEL = 'transposed_kernel'
 
 
+_compiling_for: list[str] = []
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Programs traced inside are laid out for `platform` ('cpu', 'tpu', ...) rather than for
+  this process's default backend: ahead-of-time compiles for a TPU slice on a CPU host
+  (tools/plan.py) must not take the CPU-only layouts below. jax's trace caches do not know
+  this setting, so they are cleared on the way in and out of a change."""
+  if platform == target_platform():
+    yield
+    return
+  jax.clear_caches()
+  _compiling_for.append(platform)
+  try:
+    yield
+  finally:
+    _compiling_for.pop()
+    jax.clear_caches()
+
+
+def target_platform() -> str:
+  """The platform programs traced now are for: `compiling_for`'s, else the default backend."""
+  return _compiling_for[-1] if _compiling_for else jax.default_backend()
+
+
 def decodes_with_transposed_head() -> bool:
   """Whether decoding multiplies with a transposed copy of the output head (Dense below):
   on XLA:CPU, where it pays; accelerators lay the product out themselves."""
-  return jax.default_backend() == 'cpu'
+  return target_platform() == 'cpu'
 
 
 @jax.custom_vjp
@@ -92,7 +119,7 @@ kernel_product.defvjp(_kernel_product_fwd, _kernel_product_bwd)
 def products_with_own_kernel_gradient() -> bool:
   """Whether Dense multiplies through `kernel_product`: on XLA:CPU, where the layout of
   jax's own rule is slow; accelerators lay the product out themselves."""
-  return jax.default_backend() == 'cpu'
+  return target_platform() == 'cpu'
 
 
 class Dense(nn.Module):
@@ -263,7 +290,10 @@ class MultiHeadAttention(nn.Module):
     # heads-major ([batch, heads, kv_len, kv]), the layout the score and output products read.
     # (Left to XLA, the projection is hoisted out of the decoding loop but the transposes to
     # that layout are not: one per key and value per layer per step, a fifth of a beam-4
-    # decode of mT5-small.)
+    # decode of mT5-small.) When inputs_kv has fewer rows than inputs_q (beam search: one
+    # encoder row per example, its beams' rows b * beams + k in inputs_q), each example's
+    # queries attend to its one copy of the keys and values, its beams taken as query
+    # positions: no per-beam copies to project or read.
     inner = self.num_heads * self.head_dim
     depth_scaling = np.sqrt(self.head_dim).astype(np.float32)
 
@@ -296,6 +326,9 @@ class MultiHeadAttention(nn.Module):
       if decode:
         key, value, mask, bias = self._update_cache(key, value, mask, bias)
 
+    q_shape = query.shape
+    if key.shape[0] != q_shape[0]:           # beams share their example's keys and values
+      query = query.reshape((key.shape[0], -1) + q_shape[2:])
     if self.float32_logits:
       query, key = query.astype(jnp.float32), key.astype(jnp.float32)
     logits = jnp.einsum(f'bqhd,{kv_axes}->bhqk', query, key)            # [batch, heads, q, k]
@@ -306,7 +339,7 @@ class MultiHeadAttention(nn.Module):
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
     out = jnp.einsum(f'bhqk,{kv_axes}->bqhd', weights, value.astype(self.dtype))  # [b, q, heads, kv]
-    out = out.reshape(out.shape[:2] + (inner,))
+    out = out.reshape(q_shape[:2] + (inner,))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), dtype=self.dtype, lora=self.lora,
                  name='out')(out)
 

@@ -156,8 +156,10 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, y: Array, encoded: Array, self_mask: Optional[Array], cross_mask: Array,
                deterministic: bool, decode: bool, max_decode_length: Optional[int],
-               embedder: layers.Embed, lora: Optional[LoraSpec] = None) -> Array:
+               embedder: layers.Embed, lora: Optional[LoraSpec] = None,
+               hidden_only: bool = False) -> Array:
     # y [batch, target_length, embed] (embedded decoder inputs); returns logits [batch, T, vocab]
+    # (hidden_only: the normed hidden states [batch, T, embed] the head would multiply)
     cfg, dt = self.config, _dtype(self.config)
     length = max_decode_length if decode else y.shape[1]
     bias = layers.RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
@@ -175,6 +177,8 @@ class Decoder(nn.Module):
             y, encoded, self_mask, cross_mask, bias)
     y = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name='decoder_norm')(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+    if hidden_only:
+      return y
     if cfg.logits_via_embedding:
       logits = embedder.attend(y) / jnp.sqrt(y.shape[-1]).astype(dt)
     else:
@@ -227,17 +231,20 @@ class Transformer(nn.Module):
   def decode(self, encoded: Array, encoder_valid: Array, decoder_input_tokens: Array,
              decoder_target_tokens: Optional[Array] = None, *, enable_dropout: bool = False,
              decode: bool = False, max_decode_length: Optional[int] = None,
-             with_prompt: bool = False) -> Array:
+             with_prompt: bool = False, hidden_only: bool = False) -> Array:
     """Decoder logits [batch, target_length, vocab] given the encoder output.
 
     `with_prompt` attaches the decoder's LoRA adapters (the prompt itself lives in `encode`).
+    `hidden_only` stops before the output head: the final hidden states [batch, target_length,
+    embed] (greedy decoding picks tokens from them itself: model/head_select.py).
     """
     lora = self._lora(with_prompt)
     if decode:
-      # One position per call; causality comes from the cache index.
+      # One position per call; causality comes from the cache index. The cross-attention mask
+      # is the encoder's alone ([batch, 1, 1, encoded]): beam search passes one encoder row per
+      # example for all its beams (layers.MultiHeadAttention, fixed_kv).
       self_mask = None
-      cross_mask = layers.make_attention_mask(
-          jnp.ones(decoder_input_tokens.shape, jnp.bool_), encoder_valid)
+      cross_mask = encoder_valid[:, None, None, :]
     else:
       length = decoder_input_tokens.shape[1]
       self_mask = layers.make_causal_mask(length)
@@ -250,7 +257,7 @@ class Transformer(nn.Module):
       cross_mask = layers.make_attention_mask(target_valid, encoder_valid)
     y = self.token_embedder(decoder_input_tokens)
     return self.decoder(y, encoded, self_mask, cross_mask, not enable_dropout, decode,
-                        max_decode_length, self.token_embedder, lora)
+                        max_decode_length, self.token_embedder, lora, hidden_only)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Optional[Array] = None, *, with_prompt: bool = False,

@@ -42,7 +42,7 @@ from jax._src import xla_bridge
 from promot_jax import mesh as partitioning, tree_util
 from promot_jax.checkpoints import loading
 from promot_jax.ginconf import loaders
-from promot_jax.model import decoding, formats, transformer as model
+from promot_jax.model import decoding, formats, layers, transformer as model
 from promot_jax.tools.plan_hardware import (CHIPS, GIB, Chip, Topology,  # noqa: F401 (re-exported)
                                             compile_row, known_sizes, libtpu_available,
                                             make_plan_mesh, model_flops, parse_topology,
@@ -89,6 +89,13 @@ def _add_speed(row: dict, budget: Budget, num_devices: int) -> dict:
   return row
 
 
+def _lowered_for(mesh, lower, *args):
+  """lower(*args), traced with the model's layouts for the mesh's platform (a TPU slice's on
+  this CPU host: no CPU-only head copies; layers.compiling_for)."""
+  with layers.compiling_for(mesh.devices.flat[0].platform):
+    return lower(*args)
+
+
 def build_step(run, stage, mesh, params):
   """The step the trainer jits (train.sharding.build_stage_layout of the t5x tree `params`):
   over the stacked tree with SCAN_LAYERS."""
@@ -131,7 +138,7 @@ def plan_train(run, stage, mesh, batch_size: int, budget: Budget) -> dict:
   args = _abstract_args(run, stage, params, sharded.abstract_opt_state, batch_size)
   trainable, frozen = split_params(params, stage)
   mesh_text = 'x'.join(map(str, mesh.shape.values()))
-  row, _ = compile_row(lambda: sharded.step_fn.lower(*args), budget.hbm_bytes,
+  row, _ = compile_row(lambda: _lowered_for(mesh, sharded.step_fn.lower, *args), budget.hbm_bytes,
                         f'{stage.name} train step (mesh {mesh_text}, batch {batch_size}'
                         + (', scanned layers)' if cfg.scan_layers else ')'))
   if cfg.scan_layers:
@@ -172,7 +179,7 @@ def plan_decode(run, stage, mesh, batch_size: int, budget: Budget) -> dict:
                                  with_prompt=stage.with_prompt),
                in_shardings=(p_shard, data), out_shardings=data)
   tokens = jax.ShapeDtypeStruct((batch_size, lengths['inputs']), jnp.int32)
-  row, _ = compile_row(lambda: fn.lower(params, tokens), budget.hbm_bytes,
+  row, _ = compile_row(lambda: _lowered_for(mesh, fn.lower, params, tokens), budget.hbm_bytes,
                         f'{stage.name} greedy decode (batch {batch_size})')
   row.update(stage=stage.name, step='decode', mesh=dict(mesh.shape), batch=batch_size,
              tokens_per_step=batch_size * lengths['targets'], model_flops=None,
@@ -221,7 +228,7 @@ def plan_eval(run, mesh, batch_size: int, lengths: tuple[int, int], beam_size: i
     fn = jax.jit(lambda p, t: decoding.greedy_decode_jitted(cfg, p, t, targets, with_prompt,
                                                             jnp.int32(1)))
     what = 'greedy decode'
-  row, _ = compile_row(lambda: fn.lower(params, tokens), budget.hbm_bytes,
+  row, _ = compile_row(lambda: _lowered_for(mesh, fn.lower, params, tokens), budget.hbm_bytes,
                         f'eval {what} (batch {batch_size}, inputs {inputs}, targets {targets})')
   row.update(stage='eval', step=what, mesh=dict(mesh.shape), batch=batch_size,
              tokens_per_step=batch_size * targets, model_flops=None,
