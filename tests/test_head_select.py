@@ -126,6 +126,7 @@ def test_greedy_takes_the_int8_path_on_cpu_and_gives_the_plain_path_tokens(monke
   for p in (params, confident):
     head = decoding.quantized_head(CFG, p, True)
     assert decoding.quantized_head(CFG, p, True) is head                 # kept per head array
+    assert head.kernel_t is decoding.transposed_head(CFG, p)             # no third float32 copy
     int8 = np.asarray(decoding.greedy_decode(CFG, p, enc, 10, with_prompt=True, eos_id=-1))
     traced = np.asarray(decoding.greedy_decode_jitted(CFG, p, enc, 10, True, jnp.int32(-1)))
     with monkeypatch.context() as m:

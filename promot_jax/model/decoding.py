@@ -2,7 +2,10 @@
 
 The encoder runs once (with or without the prompt); the decoder then takes one position per
 step, reading past keys/values from the 'cache' collection. Beam search flattens the beams
-into the batch ([batch * beams, ...]) and reorders the cache rows whenever beams are re-chosen.
+into the decoder's batch ([batch * beams, ...]; the encoder's output and its cross-attention
+keys/values stay one row per example) and reorders the self-attention cache rows whenever
+beams are re-chosen. On CPU greedy decoding takes each token from the int8 copy of the head
+and the float32 logits of the few tokens that can still win (model/head_select.py).
 Each public function is jitted with its configuration and lengths static, so repeated calls
 with the same shapes reuse the compiled program. Parameters may be sharded jax arrays: nothing
 here moves them between devices.
@@ -79,7 +82,9 @@ def greedy_uses_int8_head(config: T5Config, with_prompt: bool) -> bool:
           and not (spec is not None and spec.applies('decoder/logits_dense')))
 
 
-_quantize = jax.jit(head_select.quantize)
+# The int8 copy and its statistics; the float32 rows are the kept transposed array itself (a
+# jitted function returning its input would return a copy of it, another 512 MB for mT5).
+_quantized_parts = jax.jit(lambda kernel_t: tuple(head_select.quantize(kernel_t))[1:])
 
 
 def quantized_head(config: T5Config, params: Mapping[str, Any], with_prompt: bool = False
@@ -89,7 +94,10 @@ def quantized_head(config: T5Config, params: Mapping[str, Any], with_prompt: boo
   kernel = _head_kernel(params)
   if kernel is None or not greedy_uses_int8_head(config, with_prompt):
     return None
-  return _kept(kernel, 'int8', lambda: _quantize(transposed_head(config, params)))
+  def build():
+    kernel_t = transposed_head(config, params)
+    return head_select.QuantizedHead(kernel_t, *_quantized_parts(kernel_t))
+  return _kept(kernel, 'int8', build)
 
 
 def init_cache(model: Transformer, params: Mapping[str, Any], encoded: Array, valid: Array,
