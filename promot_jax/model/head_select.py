@@ -134,8 +134,9 @@ def argmax(hidden: Array, head: QuantizedHead, candidates: int = CANDIDATES) -> 
   overflow = jnp.any(count > candidates) | ~jnp.all(jnp.isfinite(hidden))
 
   def exact(_):
-    # Ids past a row's count are tokens out of reach (lower logits), harmless in the argmax;
-    # the candidates come in vocabulary order, so equal logits go to the lowest id.
+    # The candidates come first, in vocabulary order, so equal logits go to the lowest id;
+    # ids past a row's count repeat a real token, which cannot beat the best candidate and,
+    # if it ties with it, comes later in the list.
     rows = jnp.take(head.kernel_t, ids, axis=0)          # [rows, candidates, embed]
     logits = jnp.einsum('be,bke->bk', hidden, rows)
     return jnp.take_along_axis(ids, jnp.argmax(logits, axis=1)[:, None], axis=1)[:, 0]
