@@ -82,9 +82,9 @@ def greedy_uses_int8_head(config: T5Config, with_prompt: bool) -> bool:
           and not (spec is not None and spec.applies('decoder/logits_dense')))
 
 
-# The int8 copy and its statistics; the float32 rows are the kept transposed array itself (a
-# jitted function returning its input would return a copy of it, another 512 MB for mT5).
-_quantized_parts = jax.jit(lambda kernel_t: tuple(head_select.quantize(kernel_t))[1:])
+# Only the int8 copy and its statistics are jitted: the float32 rows are the kept transposed
+# array itself (a jitted function returning its input returns a copy, 512 MB for mT5).
+_int8_parts = jax.jit(head_select.int8_parts)
 
 
 def quantized_head(config: T5Config, params: Mapping[str, Any], with_prompt: bool = False
@@ -96,7 +96,7 @@ def quantized_head(config: T5Config, params: Mapping[str, Any], with_prompt: boo
     return None
   def build():
     kernel_t = transposed_head(config, params)
-    return head_select.QuantizedHead(kernel_t, *_quantized_parts(kernel_t))
+    return head_select.QuantizedHead(kernel_t, *_int8_parts(kernel_t))
   return _kept(kernel, 'int8', build)
 
 
@@ -149,12 +149,9 @@ def greedy_decode(config: T5Config, params: Mapping[str, Any], encoder_input_tok
   the head and the float32 logits of the few tokens that can still be the largest
   (model/head_select.py): the float32 argmax, without reading the float32 head every step.
   """
-  if greedy_uses_int8_head(config, with_prompt):
-    return greedy_decode_jitted(config, params, encoder_input_tokens, max_decode_length,
-                                with_prompt, jnp.int32(eos_id),
-                                quantized=quantized_head(config, params, with_prompt))
   return greedy_decode_jitted(config, params, encoder_input_tokens, max_decode_length, with_prompt,
-                        jnp.int32(eos_id), transposed_head(config, params))
+                              jnp.int32(eos_id), transposed_head(config, params),
+                              quantized_head(config, params, with_prompt))
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'max_decode_length', 'with_prompt'))

@@ -67,15 +67,22 @@ class QuantizedHead(NamedTuple):
   error_norm: Array    # [vocab] |W_v - s_v q_v|
 
 
-def quantize(kernel_t: Array) -> QuantizedHead:
-  """The int8 copy of a float32 head stored [vocab, embed], one scale per vocabulary row."""
+def int8_parts(kernel_t: Array) -> tuple[Array, Array, Array, Array]:
+  """QuantizedHead's fields after kernel_t: (q, scale, norm, error_norm) of a float32 head
+  stored [vocab, embed], one scale per vocabulary row."""
   kernel_t = jnp.asarray(kernel_t, jnp.float32)
   peak = jnp.max(jnp.abs(kernel_t), axis=1)
   scale = jnp.where(peak > 0, peak / 127.0, 1.0)
   q = jnp.clip(jnp.round(kernel_t / scale[:, None]), -127, 127)
   error = kernel_t - q * scale[:, None]
-  return QuantizedHead(kernel_t, q.astype(jnp.int8), scale, jnp.linalg.norm(kernel_t, axis=1),
-                       jnp.linalg.norm(error, axis=1))
+  return (q.astype(jnp.int8), scale, jnp.linalg.norm(kernel_t, axis=1),
+          jnp.linalg.norm(error, axis=1))
+
+
+def quantize(kernel_t: Array) -> QuantizedHead:
+  """The head stored [vocab, embed] with its int8 copy (int8_parts)."""
+  kernel_t = jnp.asarray(kernel_t, jnp.float32)
+  return QuantizedHead(kernel_t, *int8_parts(kernel_t))
 
 
 def full_argmax(hidden: Array, kernel_t: Array) -> Array:
