@@ -10,7 +10,9 @@
 `promot bench` times workloads round-robin so that a ratio comes from one run; this times one
 workload back to back (what a training loop does), at the same shapes (mT5-small, batch 8,
 inputs 128, targets 16, prompt 100; --quick: the tiny test model). Run it once per variant,
-in separate processes, alternating. It prints the median and every call's seconds.
+in separate processes, alternating. It prints the median and every call's seconds, and the
+median of the CPU seconds (all threads) a call took: work saved shows there even when this
+VM's wall times drift.
 Like `promot bench` it re-executes itself once under the bench's allocator settings (huge
 pages, freed memory kept: promot_jax.host_memory; PROMOT_HUGEPAGES=0 and
 PROMOT_KEEP_FREED_MEMORY=0 opt out), so both time the same thing.
@@ -19,6 +21,7 @@ PROMOT_KEEP_FREED_MEMORY=0 opt out), so both time the same thing.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -34,6 +37,12 @@ _SPARSE = {'auto': None, 'on': True, 'off': False}
 # transformers' workloads and the promot_jax stage each is matched with (stage settings).
 _HF_TRAIN = {'hf/full_finetune': 'finetune', 'hf/peft_prompt_tuning': 'prompt_tuning'}
 _HF_DECODE = ('hf/greedy', 'hf/beam4')
+
+
+def _cpu_seconds() -> float:
+  """User + system seconds this process has run on all its threads."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -83,17 +92,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     call = next(t.call for t in jax_bench.decode_timers(bc, params, batch) if t.name == name)
   call()
   call()
-  times = []
+  times, cpu = [], []
   for _ in range(args.calls):
     time.sleep(args.sleep)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     call()
     times.append(time.perf_counter() - start)
+    cpu.append(_cpu_seconds() - cpu_start)
   out = {'workload': args.workload, 'sparse_embedding': args.sparse_embedding,
          'sleep_s': args.sleep, 'compile_s': compile_s, 'median_s': statistics.median(times),
-         'times_s': times}
+         'times_s': times, 'median_cpu_s': statistics.median(cpu)}
   print(f'{args.workload} (sparse_embedding {args.sparse_embedding}, sleep {args.sleep:g} s): '
-        f'median {out["median_s"]:.3f} s, calls ' + ' '.join(f'{t:.3f}' for t in times)
+        f'median {out["median_s"]:.3f} s (cpu {out["median_cpu_s"]:.3f} s), calls '
+        + ' '.join(f'{t:.3f}' for t in times)
         + (f', compiled in {compile_s:.1f} s' if compile_s else ''), flush=True)
   jax.clear_caches()
   return out
