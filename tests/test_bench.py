@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -254,7 +255,8 @@ def test_bench_alone_times_one_workload_back_to_back(workload, sparse, extra, ca
   out = alone.main([workload, '--quick', '--calls', '2', '--sparse-embedding', sparse] + extra)
   assert out['workload'] == workload and len(out['times_s']) == 2
   assert all(t > 0 for t in out['times_s']) and out['median_s'] > 0
-  assert 0 < out['median_cpu_s'] < 4 * max(out['times_s']) + 1    # this process's CPU time
+  # this process's CPU time: positive, at most every core busy for the slowest call
+  assert 0 < out['median_cpu_s'] <= (os.cpu_count() or 1) * max(out['times_s']) + 0.5
   assert (out['compile_s'] is not None) == (workload == 'finetune')
   assert f'{workload} (sparse_embedding {sparse}' in capsys.readouterr().out
 
