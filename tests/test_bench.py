@@ -261,6 +261,24 @@ def test_bench_alone_times_one_workload_back_to_back(workload, sparse, extra, ca
   assert f'{workload} (sparse_embedding {sparse}' in capsys.readouterr().out
 
 
+def test_bench_alone_overrides_the_stages_dropout(monkeypatch, capsys):
+  from promot_jax.tools.bench import alone, jax_bench
+  seen = []
+  real = jax_bench.StageStep
+
+  def recording(bc, stage, *args, **kwargs):
+    seen.append(stage.dropout_rate)
+    return real(bc, stage, *args, **kwargs)
+
+  monkeypatch.setattr(jax_bench, 'StageStep', recording)
+  out = alone.main(['finetune', '--quick', '--calls', '1', '--dropout', '0'])
+  alone.main(['finetune', '--quick', '--calls', '1'])
+  assert seen == [0.0, jax_bench.stage_for('finetune').dropout_rate] and seen[1] > 0
+  assert out['dropout'] == 0.0 and 'dropout 0)' in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    alone.main(['finetune', '--quick', '--dropout', '1'])
+
+
 @pytest.mark.parametrize('workload', ['hf/full_finetune', 'hf/greedy'])
 def test_bench_alone_times_transformers_side(workload, capsys):
   pytest.importorskip('transformers')

@@ -1,6 +1,7 @@
 """One bench workload timed alone, call after call, in this process (for A/B checks).
 
   python -m promot_jax.tools.bench.alone finetune --sparse-embedding off --calls 5
+  python -m promot_jax.tools.bench.alone model_tuning --dropout 0   # the stage without dropout
   python -m promot_jax.tools.bench.alone model_tuning --sleep 6     # a pause before each call
   python -m promot_jax.tools.bench.alone beam4                      # or greedy
   python -m promot_jax.tools.bench.alone head --rows 8               # one decoding step's head
@@ -59,8 +60,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   p.add_argument('--sleep', type=float, default=0.0, help='seconds idle before each call')
   p.add_argument('--sparse-embedding', choices=list(_SPARSE), default='auto',
                  help="the stage's sparse_embedding (train workloads)")
+  p.add_argument('--dropout', type=float, default=None,
+                 help="the stage's dropout rate (train workloads; default: the preset's)")
   p.add_argument('--quick', action='store_true', help='the tiny test model')
   args = p.parse_args(argv)
+  if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+    p.error(f'--dropout must be in [0, 1); got {args.dropout}.')
   bc = PRESETS['quick' if args.quick else 'mt5_small']
   params = jax_bench.random_params(bc)
   batch = synthetic_batch(bc, jax_bench.model_config(bc).vocab_size)
@@ -68,6 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   if args.workload in jax_bench.STAGE_NAMES:
     stage = jax_bench.stage_for(args.workload).replace(
         sparse_embedding=_SPARSE[args.sparse_embedding])
+    if args.dropout is not None:
+      stage = stage.replace(dropout_rate=args.dropout)
     call = jax_bench.StageStep(bc, stage, params, batch)
     compile_s = call.compile_s
   elif args.workload == 'head':
@@ -100,9 +107,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     times.append(time.perf_counter() - start)
     cpu.append(_cpu_seconds() - cpu_start)
   out = {'workload': args.workload, 'sparse_embedding': args.sparse_embedding,
+         'dropout': args.dropout,
          'sleep_s': args.sleep, 'compile_s': compile_s, 'median_s': statistics.median(times),
          'times_s': times, 'median_cpu_s': statistics.median(cpu)}
-  print(f'{args.workload} (sparse_embedding {args.sparse_embedding}, sleep {args.sleep:g} s): '
+  print(f'{args.workload} (sparse_embedding {args.sparse_embedding}, sleep {args.sleep:g} s'
+        + (f', dropout {args.dropout:g}' if args.dropout is not None else '') + '): '
         f'median {out["median_s"]:.3f} s (cpu {out["median_cpu_s"]:.3f} s), calls '
         + ' '.join(f'{t:.3f}' for t in times)
         + (f', compiled in {compile_s:.1f} s' if compile_s else ''), flush=True)
