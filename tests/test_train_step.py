@@ -173,27 +173,6 @@ def test_dropout_masks_do_not_depend_on_the_device_layout():
   assert done.returncode == 0 and 'same masks' in done.stdout, done.stderr[-2000:]
 
 
-def test_dropout_bits_take_threefry_on_cpu_and_the_default_generator_elsewhere():
-  """The dropout key's bits come from XLA's RngBitGenerator: its threefry algorithm when the
-  program is for CPU, the platform's default (the hardware generator on TPU) otherwise; the
-  stream is a pure function of the run's key and the step."""
-  from promot_jax.model import layers
-  from promot_jax.train.step import dropout_key
-  key = lambda step: dropout_key(jax.random.fold_in(jax.random.PRNGKey(0), step))  # noqa: E731
-  bits = lambda k: jax.random.bits(k, (16, 8), jnp.uint32)  # noqa: E731
-  cpu = jax.jit(bits).lower(key(3)).as_text()
-  assert 'rng_bit_generator' in cpu and 'THREE_FRY' in cpu
-  with layers.compiling_for('tpu'):
-    tpu = jax.jit(bits).lower(key(3)).as_text()
-  assert 'rng_bit_generator' in tpu and 'THREE_FRY' not in tpu
-  again = jax.jit(bits)
-  np.testing.assert_array_equal(np.asarray(again(key(3))), np.asarray(jax.jit(bits)(key(3))))
-  assert (np.asarray(again(key(3))) != np.asarray(again(key(4)))).mean() > 0.9
-  # flax's per-site keys (fold_in) keep the generator
-  site = jax.random.fold_in(key(3), 11)
-  assert 'THREE_FRY' in jax.jit(bits).lower(site).as_text()
-
-
 @pytest.mark.parametrize('stage_name', ['prompt_tuning', 'model_tuning'])
 def test_a_poisoned_batch_leaves_finite_parameters_and_optimizer_state_untouched(
     tiny_prompt_config, tiny_params, stage_name):

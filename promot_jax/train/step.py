@@ -14,12 +14,10 @@ from typing import Any, Callable, Mapping, Optional
 import flax
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.extend import random as jax_random
 import optax
 
 from promot_jax import tree_util
-from promot_jax.model import layers, losses
+from promot_jax.model import losses
 from promot_jax.model.config import T5Config
 from promot_jax.model.transformer import Transformer
 from promot_jax.train import sparse
@@ -59,35 +57,18 @@ def forward(model: Transformer, stage: Stage, params: Any, batch: Batch,
                      prompt_ids=batch.get(PROMPT_IDS), rngs=rngs)
 
 
-def _dropout_bits(key: Array, bit_width: int, shape) -> Array:
-  """'rbg' bits with the generator's algorithm chosen for the target platform: threefry on
-  XLA:CPU, whose expansion of it costs about a third of its default (Philox) per word; the
-  default elsewhere (TPU: the hardware generator)."""
-  algorithm = (lax.RandomAlgorithm.RNG_THREE_FRY if layers.target_platform() == 'cpu'
-               else lax.RandomAlgorithm.RNG_DEFAULT)
-  dtype = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[bit_width]
-  return lax.rng_bit_generator(key, tuple(shape), dtype=dtype, algorithm=algorithm)[1]
-
-
-_RBG = jax_random.rbg_prng_impl
-DROPOUT_PRNG = jax_random.define_prng_impl(
-    key_shape=(4,), seed=_RBG.seed, split=_RBG.split, random_bits=_dropout_bits,
-    fold_in=_RBG.fold_in, name='rbg_dropout', tag='rbgd')
-
-
 def dropout_key(rng: Array) -> Array:
-  """A key for dropout masks from XLA's RngBitGenerator, derived from `rng`.
+  """A key for dropout masks from XLA's RngBitGenerator ('rbg'), derived from `rng`.
 
   Dropout draws a random number per activation. With jax's default threefry keys XLA:CPU
   computes the hash in every fusion that consumes the mask, forward and backward, which cost
-  0.6 s of a 5 s mT5-small fine-tuning step (README, Performance); keys of DROPOUT_PRNG
-  ('rbg' with the bit generator's algorithm chosen per platform) generate the bits with
-  XLA's own generator (t5x's `use_hardware_rng` does the same on TPU). The stream is
+  0.6 s of a 5 s mT5-small fine-tuning step (README, Performance); 'rbg' keys generate the
+  bits with XLA's own generator (t5x's `use_hardware_rng` does the same on TPU). The stream is
   still a pure function of the run's seed and the step, so resumed runs repeat it exactly.
   Parameter initialisation and everything else keep threefry.
   """
   data = jax.random.bits(rng, (4,), jnp.uint32)
-  return jax.random.wrap_key_data(data, impl=DROPOUT_PRNG)
+  return jax.random.wrap_key_data(data, impl='rbg')
 
 
 def global_norm(tree: Any) -> Array:
