@@ -11,7 +11,9 @@ Sections (each a median over --repeats calls, compile time apart):
           round-robin with the promot_jax steps so every ratio comes from one run; each
           step's matmul floor (bench/floor.py: its dots timed alone at their shapes) and
           step / floor. --isolate: each workload in a process of its own (bench/isolate.py)
-  decode  greedy and beam search with the cache vs transformers' generate
+  decode  greedy and beam search with the cache vs transformers' generate; each program's matmul
+          floor (its decoding loop runs once per position), decode / floor, and floor / generate:
+          the lowest ratio to transformers that doing nothing but the products would reach
   data    seqio input pipeline examples/s
   scan    stage 2's step unrolled vs scanned (SCAN_LAYERS): compile time and step time
   scaling step time vs batch, inputs and prompt length (stages 1 and 2), compile time vs depth
@@ -73,6 +75,11 @@ def ratios(result: dict) -> dict:
   }
   for name, row in train.items():   # how far each step is from its products alone
     out[f'{name} step / floor'] = _ratio(row.get('step_s'), (row.get('floor') or {}).get('floor_s'))
+  for method in ('greedy', beam):     # the same for decoding, and the lowest ratio to
+    floor_s = ((result.get('decode_floor') or {}).get(f'promot_jax/{method}') or {}).get(
+        'floor_s')                    # transformers that doing only the products would give
+    out[f'{method} / floor'] = _ratio(dec.get(f'promot_jax/{method}'), floor_s)
+    out[f'{method} floor / hf_{method}'] = _ratio(floor_s, dec.get(f'hf/{method}'))
   if scan:   # --sections scan
     out['scanned / unrolled compile (model_tuning)'] = _ratio(scan['scanned']['compile_s'],
                                                               scan['unrolled']['compile_s'])
@@ -193,6 +200,14 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
     result['decode'] = {t.name: t.median_s for t in timers}
     result['decode_tokens_per_s'] = {t.name: bc.batch * bc.decode_length / t.median_s
                                      for t in timers}
+    # after the timing rounds, in this process (isolated or not): each program's products alone
+    result['decode_floor'] = jax_bench.decode_floors(bc, params, batch)
+    for name, found in result['decode_floor'].items():
+      if found:
+        _log_floor(log, name, found)
+      else:
+        log(f'  {name}: no floor (a dot in a conditional branch runs a data-dependent number '
+            'of times)')
 
   if 'data' in sections:
     log('data pipeline')

@@ -1,4 +1,4 @@
-"""A train step's matmul floor: how long its matrix products alone take on this CPU.
+"""A program's matmul floor: how long its matrix products alone take on this CPU.
 
 Every dot of the compiled step (its optimized HLO, dots inside fusions included) is rebuilt as
 a stand-alone jitted `lax.dot_general` on random operands of the same shapes, dimension
@@ -8,8 +8,11 @@ nothing but its products at the rate this CPU reaches on those very shapes, so a
 (the output head's [tokens, 512] x [512, 250112]) raises the floor instead of counting as
 overhead. Operand layouts are not reproduced (the stand-alone operands are row-major), and
 each timed call includes one dispatch (tens of microseconds: it matters only for tiny
-models). A dot inside a loop (scanned layers) runs an unknown number of times: the floor is
-then not computed.
+models). A dot inside a loop (scanned layers, a decoding loop) runs a number of times the HLO
+does not say: the floor is then not computed, unless the caller knows how often the loop runs
+(`loop_trips`: the bench's decoding never stops early, so its loop runs once per position).
+A dot inside a conditional branch runs a data-dependent number of times (greedy decoding's
+float32 fallback in model/head_select.py): no floor then either.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Dot:
   rhs_contracting: tuple[int, ...]
   lhs_batch: tuple[int, ...] = ()
   rhs_batch: tuple[int, ...] = ()
+  out_dtype: str = ''   # the result's element type where it differs (s8 x s8 -> s32)
 
   @property
   def flops(self) -> int:
@@ -62,8 +66,10 @@ class Dot:
     return 2 * batch * m * n * k
 
 
-def dots_of_hlo(text: str) -> Optional[list[Dot]]:
-  """Every dot the program runs, once per execution; None when a dot sits inside a loop."""
+def dots_of_hlo(text: str, loop_trips: Optional[int] = None) -> Optional[list[Dot]]:
+  """Every dot the program runs, once per execution (a dot in a loop once per trip, given
+  `loop_trips`); None when a dot sits in a loop of unknown trip count, in a loop inside a loop,
+  or in a conditional branch."""
   shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
   callees: dict[str, list[tuple[str, str]]] = {}
   dots: dict[str, list[Dot]] = {}
@@ -92,33 +98,41 @@ def dots_of_hlo(text: str) -> Optional[list[Dot]]:
                   for o in _OPERANDS.match(rest).group(1).split(',')]
       dims_of = {k: _shape(v) for k, v in _DIMS.findall(rest)}
       (ltype, lhs), (_, rhs) = shapes[operands[0]], shapes[operands[1]]
+      out_type = array.group(1) if array else ltype
       dots[current].append(Dot(ltype, lhs, rhs, dims_of.get('lhs_contracting_dims', ()),
                                dims_of.get('rhs_contracting_dims', ()),
                                dims_of.get('lhs_batch_dims', ()),
-                               dims_of.get('rhs_batch_dims', ())))
+                               dims_of.get('rhs_batch_dims', ()),
+                               out_type if out_type != ltype else ''))
   if entry is None:
     raise ValueError('No ENTRY computation in the HLO text.')
   found: list[Dot] = []
 
-  def walk(computation: str, in_loop: bool) -> bool:
-    if in_loop and dots.get(computation):
-      return False
-    found.extend(dots.get(computation, []))
-    return all(walk(callee, in_loop or kind in ('body', 'condition'))
+  def walk(computation: str, loops: int, in_branch: bool) -> bool:
+    if dots.get(computation):
+      if in_branch or loops > 1 or (loops and loop_trips is None):
+        return False
+      found.extend(dots[computation] * (loop_trips if loops else 1))
+    return all(walk(callee, loops + (kind == 'body' or kind == 'condition'),
+                    in_branch or kind == 'branch')
                for kind, callee in callees.get(computation, []))
 
-  return found if walk(entry, False) else None
+  return found if walk(entry, 0, False) else None
 
 
 def time_dot(dot: Dot, repeats: int = 5) -> float:
   """Median seconds of one stand-alone call of `dot` on random operands."""
   rng = np.random.default_rng(0)
-  dtype = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16}.get(dot.dtype,
-                                                                             jnp.float32)
-  lhs = jnp.asarray(rng.standard_normal(dot.lhs, np.float32), dtype)
-  rhs = jnp.asarray(rng.standard_normal(dot.rhs, np.float32), dtype)
+  types = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16, 's8': jnp.int8,
+           's32': jnp.int32}
+  if dot.dtype not in types or (dot.out_dtype and dot.out_dtype not in types):
+    raise ValueError(f'No stand-alone timing for a {dot.dtype} -> {dot.out_dtype} dot.')
+  dtype = types[dot.dtype]
+  lhs = jnp.asarray(rng.standard_normal(dot.lhs, np.float32) * 20, dtype)  # int8: -60..60
+  rhs = jnp.asarray(rng.standard_normal(dot.rhs, np.float32) * 20, dtype)
   numbers = ((dot.lhs_contracting, dot.rhs_contracting), (dot.lhs_batch, dot.rhs_batch))
-  fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers))
+  out = types[dot.out_dtype] if dot.out_dtype else None
+  fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers, preferred_element_type=out))
   jax.block_until_ready(fn(lhs, rhs))
   times = []
   for _ in range(repeats):
@@ -128,10 +142,10 @@ def time_dot(dot: Dot, repeats: int = 5) -> float:
   return statistics.median(times)
 
 
-def matmul_floor(compiled, repeats: int = 5) -> Optional[dict]:
-  """{'dots', 'distinct_shapes', 'dot_flops', 'floor_s', 'gflops'} of a compiled step, or None
-  when its dots cannot be counted (a dot inside a loop)."""
-  dots = dots_of_hlo(compiled.as_text())
+def matmul_floor(compiled, repeats: int = 5, loop_trips: Optional[int] = None) -> Optional[dict]:
+  """{'dots', 'distinct_shapes', 'dot_flops', 'floor_s', 'gflops'} of a compiled program, or
+  None when its dots cannot be counted (dots_of_hlo)."""
+  dots = dots_of_hlo(compiled.as_text(), loop_trips)
   if dots is None:
     return None
   seconds = {d: time_dot(d, repeats) for d in sorted(set(dots), key=lambda d: -d.flops)}

@@ -13,11 +13,13 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from promot_jax import mesh as partitioning
 from promot_jax.data import pipeline as data
 from promot_jax.model import config as config_lib, decoding, formats, prompt, transformer as model
+from promot_jax.tools.bench import floor as floor_lib
 from promot_jax.tools.bench.common import (BenchConfig, CompileCounter, Timer, device_peak_bytes,
                                            peak_rss_bytes, reset_peak_rss, tree_bytes)
 from promot_jax.tools.plan_hardware import memory_row
@@ -137,14 +139,18 @@ def finish_train_rows(timers: list[Timer], infos: dict) -> dict:
 
 # ------------------------------------------------------------------------------ decoding
 
+def _decode_setup(bc: BenchConfig, params: dict, batch: dict):
+  cfg = model_config(bc).replace(dropout_rate=0.0)
+  return cfg, jax.device_put(prompt.without_prompt(params)), jax.device_put(
+      batch['encoder_input_tokens'])
+
+
 def decode_timers(bc: BenchConfig, params: dict, batch: dict) -> list[Timer]:
   """Greedy and beam search with the cache, without the prompt (as transformers' generate).
 
   eos_id=-1 never stops early, so every example decodes `decode_length` tokens.
   """
-  cfg = model_config(bc).replace(dropout_rate=0.0)
-  dev_params = jax.device_put(prompt.without_prompt(params))
-  enc = jax.device_put(batch['encoder_input_tokens'])
+  cfg, dev_params, enc = _decode_setup(bc, params, batch)
 
   def greedy():
     jax.block_until_ready(decoding.greedy_decode(cfg, dev_params, enc, bc.decode_length,
@@ -155,6 +161,23 @@ def decode_timers(bc: BenchConfig, params: dict, batch: dict) -> list[Timer]:
                                                bc.beam_size, eos_id=-1))
 
   return [Timer('promot_jax/greedy', greedy), Timer(f'promot_jax/beam{bc.beam_size}', beam)]
+
+
+def decode_floors(bc: BenchConfig, params: dict, batch: dict) -> dict:
+  """The matmul floor (bench/floor.py) of the programs decode_timers runs: their decoding loop
+  runs `decode_length` times (eos_id=-1). Greedy decoding's float32 fallback sits in a
+  conditional branch (model/head_select.py), so its floor is None where that head is used."""
+  cfg, dev_params, enc = _decode_setup(bc, params, batch)
+  eos = jnp.int32(-1)
+  greedy = decoding.greedy_decode_jitted.lower(
+      cfg, dev_params, enc, bc.decode_length, False, eos,
+      decoding.transposed_head(cfg, dev_params), decoding.quantized_head(cfg, dev_params))
+  beam = decoding.beam_search_jitted.lower(
+      cfg, dev_params, enc, bc.decode_length, bc.beam_size, jnp.float32(0.6), False, eos,
+      decoding.transposed_head(cfg, dev_params))
+  return {name: floor_lib.matmul_floor(lowered.compile(), bc.repeats, bc.decode_length)
+          for name, lowered in (('promot_jax/greedy', greedy),
+                                (f'promot_jax/beam{bc.beam_size}', beam))}
 
 
 # ------------------------------------------------------------------------ input pipeline
