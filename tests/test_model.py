@@ -153,16 +153,19 @@ def test_relative_position_buckets_match_t5_layout():
   assert dec[200 - 7] == 7 and dec[0] == 31                     # causal uses all 32 for the past
 
 
+@pytest.mark.parametrize('transpose_cotangent', [False, True])
 @pytest.mark.parametrize('lead', [(6,), (2, 5), (2, 3, 4)])
-def test_kernel_product_matches_einsum_and_its_gradients(lead):
-  """layers.kernel_product (Dense on CPU): jnp.einsum's values and both cotangents."""
+def test_kernel_product_matches_einsum_and_its_gradients(lead, transpose_cotangent):
+  """layers.kernel_product (Dense on CPU): jnp.einsum's values and both cotangents, with the
+  kernel gradient's product either way round."""
   kx, kk, kd = jax.random.split(jax.random.PRNGKey(0), 3)
   x = jax.random.normal(kx, lead + (7,))
   kernel = jax.random.normal(kk, (7, 9))
   dy = jax.random.normal(kd, lead + (9,))
   reference = lambda x, k: jnp.einsum('...i,io->...o', x, k)  # noqa: E731
-  np.testing.assert_allclose(layers.kernel_product(x, kernel), reference(x, kernel), rtol=1e-6)
-  ours = jax.vjp(layers.kernel_product, x, kernel)[1](dy)
+  product = lambda x, k: layers.kernel_product(x, k, transpose_cotangent)  # noqa: E731
+  np.testing.assert_allclose(product(x, kernel), reference(x, kernel), rtol=1e-6)
+  ours = jax.vjp(product, x, kernel)[1](dy)
   theirs = jax.vjp(reference, x, kernel)[1](dy)
   for a, b in zip(ours, theirs):
     assert a.shape == b.shape and a.dtype == b.dtype

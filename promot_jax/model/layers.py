@@ -10,6 +10,7 @@ without reshaping.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -87,8 +88,8 @@ def decodes_with_transposed_head() -> bool:
   return target_platform() == 'cpu'
 
 
-@jax.custom_vjp
-def kernel_product(x: Array, kernel: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def kernel_product(x: Array, kernel: Array, transpose_cotangent: bool = False) -> Array:
   """x [..., in] @ kernel [in, out], whose kernel gradient is one product over the leading axes.
 
   jax's rule for the kernel's cotangent forms dy^T x and transposes it; XLA:CPU then writes
@@ -96,21 +97,29 @@ def kernel_product(x: Array, kernel: Array) -> Array:
   gradient) transposed with strided stores and multiplies with Eigen. Written as x^T dy it
   transposes x instead (a plain copy of a stored activation) and runs the product through
   its GEMM library: the fine-tuning step's kernel gradients, the head's [512, 250112] one
-  included, got faster (README, Performance). Same values and cotangents as jnp.einsum
-  (tests/test_model.py).
+  included, got faster (README, Performance).
+
+  `transpose_cotangent`: (dy^T x)^T instead, which transposes dy and the [out, in] result.
+  For the MLP's `wo` (MlpBlock) x is the widest activation (mlp_dim) and XLA:CPU does not
+  copy it: it recomputes the gated activation and its dropout mask inside the strided
+  transposing copy (8 such [1024, 1824] fusions, ~25 ms each, in a traced stage-2 step),
+  while dy there is half as wide and made by a short fusion. Same values and cotangents as
+  jnp.einsum either way (tests/test_model.py).
   """
   return jnp.einsum('...i,io->...o', x, kernel)
 
 
-def _kernel_product_fwd(x, kernel):
-  return kernel_product(x, kernel), (x, kernel)
+def _kernel_product_fwd(x, kernel, transpose_cotangent):
+  return kernel_product(x, kernel, transpose_cotangent), (x, kernel)
 
 
-def _kernel_product_bwd(residuals, dy):
+def _kernel_product_bwd(transpose_cotangent, residuals, dy):
   x, kernel = residuals
   lead = ''.join(chr(ord('a') + i) for i in range(x.ndim - 1))
-  return (jnp.einsum('...o,io->...i', dy, kernel),
-          jnp.einsum(f'{lead}i,{lead}o->io', x, dy))
+  dx = jnp.einsum('...o,io->...i', dy, kernel)
+  if transpose_cotangent:
+    return dx, jnp.einsum(f'{lead}o,{lead}i->oi', dy, x).T
+  return dx, jnp.einsum(f'{lead}i,{lead}o->io', x, dy)
 
 
 kernel_product.defvjp(_kernel_product_fwd, _kernel_product_bwd)
@@ -134,6 +143,9 @@ class Dense(nn.Module):
   XLA:CPU a product of 8 rows with the [out, in] copy took 30 ms against 49 ms with the stored
   [in, out] kernel (32 rows: 56 vs 88 ms; `python -m promot_jax.tools.bench.alone head
   --rows 8 [--stored]`), at every decoded position. Training never sees it.
+
+  `transpose_cotangent`: on CPU, the kernel gradient transposes the output's cotangent rather
+  than the input (`kernel_product`); same values.
   """
   features: int
   kernel_axes: tuple[str, str]
@@ -141,6 +153,7 @@ class Dense(nn.Module):
   dtype: Any = jnp.float32
   lora: Optional[LoraSpec] = None
   cache_transposed: bool = False
+  transpose_cotangent: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -153,7 +166,7 @@ class Dense(nn.Module):
             jnp.asarray(kernel, self.dtype).T, self.kernel_axes[::-1]))
       y = jnp.einsum('...i,oi->...o', x, self.get_variable('cache', TRANSPOSED_KERNEL))
     elif products_with_own_kernel_gradient():
-      y = kernel_product(x, jnp.asarray(kernel, self.dtype))
+      y = kernel_product(x, jnp.asarray(kernel, self.dtype), self.transpose_cotangent)
     else:
       y = jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
     if self.lora is not None and self.lora.applies('/'.join(self.path)):
@@ -219,7 +232,8 @@ class MlpBlock(nn.Module):
       h = y if h is None else h * y
     h = constrain(h, ('batch', 'length', 'mlp'))           # [batch, length, mlp]
     h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
-    return Dense(emb, ('mlp', 'embed'), dtype=self.dtype, lora=self.lora, name='wo')(h)
+    return Dense(emb, ('mlp', 'embed'), dtype=self.dtype, lora=self.lora,
+                 transpose_cotangent=True, name='wo')(h)
 
 
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
