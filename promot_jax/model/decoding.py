@@ -149,9 +149,18 @@ def greedy_decode(config: T5Config, params: Mapping[str, Any], encoder_input_tok
   the head and the float32 logits of the few tokens that can still be the largest
   (model/head_select.py): the float32 argmax, without reading the float32 head every step.
   """
-  return greedy_decode_jitted(config, params, encoder_input_tokens, max_decode_length, with_prompt,
-                              jnp.int32(eos_id), transposed_head(config, params),
-                              quantized_head(config, params, with_prompt))
+  return greedy_decode_jitted(*greedy_decode_arguments(
+      config, params, encoder_input_tokens, max_decode_length, with_prompt, eos_id))
+
+
+def greedy_decode_arguments(config: T5Config, params: Mapping[str, Any],
+                            encoder_input_tokens: Array, max_decode_length: int,
+                            with_prompt: bool = False, eos_id: int = EOS_ID) -> tuple:
+  """The arguments `greedy_decode` passes to `greedy_decode_jitted` (with the kept head
+  copies), e.g. to lower the same program (the bench's matmul floor)."""
+  return (config, params, encoder_input_tokens, max_decode_length, with_prompt,
+          jnp.int32(eos_id), transposed_head(config, params),
+          quantized_head(config, params, with_prompt))
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'max_decode_length', 'with_prompt'))
@@ -312,14 +321,24 @@ def beam_search(config: T5Config, params: Mapping[str, Any], encoder_input_token
   a BeamSearchOutput that also holds the penalised score and the raw log-probability. One
   compiled program per (config, shapes, beam_size, with_prompt); alpha and eos_id are traced.
   """
+  out = beam_search_jitted(*beam_search_arguments(
+      config, params, encoder_input_tokens, max_decode_length, beam_size, alpha, with_prompt,
+      eos_id))
+  return out if return_scores else out.tokens
+
+
+def beam_search_arguments(config: T5Config, params: Mapping[str, Any],
+                          encoder_input_tokens: Array, max_decode_length: int,
+                          beam_size: int = 4, alpha: float = 0.6, with_prompt: bool = False,
+                          eos_id: int = EOS_ID) -> tuple:
+  """The arguments `beam_search` passes to `beam_search_jitted` (checked, with the kept
+  transposed head), e.g. to lower the same program (the bench's matmul floor)."""
   if beam_size < 1:
     raise ValueError(f'beam_size must be >= 1, got {beam_size}.')
   if alpha < 0:
     raise ValueError(f'The length penalty alpha must be >= 0, got {alpha}.')
-  out = beam_search_jitted(config, params, encoder_input_tokens, max_decode_length, beam_size,
-                     jnp.float32(alpha), with_prompt, jnp.int32(eos_id),
-                     transposed_head(config, params))
-  return out if return_scores else out.tokens
+  return (config, params, encoder_input_tokens, max_decode_length, beam_size,
+          jnp.float32(alpha), with_prompt, jnp.int32(eos_id), transposed_head(config, params))
 
 
 # ------------------------------------------------------------------- scoring / classification

@@ -13,7 +13,6 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from promot_jax import mesh as partitioning
@@ -168,13 +167,10 @@ def decode_floors(bc: BenchConfig, params: dict, batch: dict) -> dict:
   runs `decode_length` times (eos_id=-1). Greedy decoding's float32 fallback sits in a
   conditional branch (model/head_select.py), so its floor is None where that head is used."""
   cfg, dev_params, enc = _decode_setup(bc, params, batch)
-  eos = jnp.int32(-1)
-  greedy = decoding.greedy_decode_jitted.lower(
-      cfg, dev_params, enc, bc.decode_length, False, eos,
-      decoding.transposed_head(cfg, dev_params), decoding.quantized_head(cfg, dev_params))
-  beam = decoding.beam_search_jitted.lower(
-      cfg, dev_params, enc, bc.decode_length, bc.beam_size, jnp.float32(0.6), False, eos,
-      decoding.transposed_head(cfg, dev_params))
+  greedy = decoding.greedy_decode_jitted.lower(*decoding.greedy_decode_arguments(
+      cfg, dev_params, enc, bc.decode_length, eos_id=-1))
+  beam = decoding.beam_search_jitted.lower(*decoding.beam_search_arguments(
+      cfg, dev_params, enc, bc.decode_length, bc.beam_size, eos_id=-1))
   return {name: floor_lib.matmul_floor(lowered.compile(), bc.repeats, bc.decode_length)
           for name, lowered in (('promot_jax/greedy', greedy),
                                 (f'promot_jax/beam{bc.beam_size}', beam))}
