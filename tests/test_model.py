@@ -172,6 +172,26 @@ def test_kernel_product_matches_einsum_and_its_gradients(lead, transpose_cotange
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('shape', [(8, 3, 5, 5), (2, 4, 1, 7)])
+def test_add_shared_bias_matches_the_broadcast_add_and_its_gradients(shape):
+  """layers.add_shared_bias (the relative-position bias on CPU): logits + bias, and both
+  cotangents, the bias's summed over the batch as a product with ones."""
+  kl, kb, kg = jax.random.split(jax.random.PRNGKey(1), 3)
+  logits = jax.random.normal(kl, shape)
+  bias = jax.random.normal(kb, (1,) + shape[1:])
+  g = jax.random.normal(kg, shape)
+  np.testing.assert_array_equal(layers.add_shared_bias(logits, bias), logits + bias)
+  ours = jax.vjp(layers.add_shared_bias, logits, bias)[1](g)
+  theirs = jax.vjp(jnp.add, logits, bias)[1](g)
+  for a, b in zip(ours, theirs):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # add_bias takes it only for one bias row shared by a batch, on CPU
+  jaxpr = lambda b: str(jax.make_jaxpr(layers.add_bias)(logits, b))  # noqa: E731
+  assert ('custom_vjp_call' in jaxpr(bias)) == (jax.default_backend() == 'cpu')
+  assert 'custom_vjp_call' not in jaxpr(jnp.broadcast_to(bias, shape))
+
+
 def test_dense_multiplies_through_kernel_product_on_cpu():
   dense = layers.Dense(4, ('embed', 'mlp'))
   x = jnp.ones((2, 3, 5))

@@ -173,6 +173,22 @@ def test_dropout_masks_do_not_depend_on_the_device_layout():
   assert done.returncode == 0 and 'same masks' in done.stdout, done.stderr[-2000:]
 
 
+def test_dropout_bits_use_xla_threefry_on_cpu_and_the_default_generator_elsewhere():
+  """dropout_key's bits: RngBitGenerator's ThreeFry when compiling for CPU (XLA:CPU's Philox,
+  the default, is ~7x slower), the platform's default generator for a TPU."""
+  from promot_jax.model import layers
+  from promot_jax.train.step import dropout_key
+  mask = lambda rng: jax.random.bernoulli(dropout_key(rng), 0.9, (4, 8))  # noqa: E731
+  rng = jax.random.PRNGKey(3)
+  cpu = jax.jit(mask).lower(rng).as_text()
+  assert 'rng_bit_generator' in cpu and 'THREE_FRY' in cpu
+  with layers.compiling_for('tpu'):
+    tpu = jax.jit(mask).lower(rng).as_text()
+  assert 'rng_bit_generator' in tpu and 'THREE_FRY' not in tpu and 'PHILOX' not in tpu
+  a, b = np.asarray(mask(rng)), np.asarray(mask(jax.random.fold_in(rng, 1)))
+  assert (a == np.asarray(mask(rng))).all() and not (a == b).all()
+
+
 @pytest.mark.parametrize('stage_name', ['prompt_tuning', 'model_tuning'])
 def test_a_poisoned_batch_leaves_finite_parameters_and_optimizer_state_untouched(
     tiny_prompt_config, tiny_params, stage_name):
