@@ -163,7 +163,7 @@ print('same masks')
 
 
 def test_dropout_masks_do_not_depend_on_the_device_layout():
-  """'rbg' dropout keys give the same masks on 1 device and on a 4x2 data/model mesh."""
+  """dropout_key's masks are the same on 1 device and on a 4x2 data/model mesh."""
   import os
   import subprocess
   import sys
