@@ -158,7 +158,7 @@ add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
 
 def add_bias(logits: Array, bias: Array) -> Array:
   """logits + bias, through `add_shared_bias` where one bias row serves a batch on CPU."""
-  if (products_with_own_kernel_gradient() and bias.shape[0] == 1 and logits.shape[0] > 1
+  if (target_platform() == 'cpu' and bias.shape[0] == 1 and logits.shape[0] > 1
       and bias.ndim == logits.ndim and bias.shape[1:] == logits.shape[1:]):
     return add_shared_bias(logits, bias)
   return logits + bias

@@ -65,10 +65,10 @@ def _dropout_bits(key: Array, bit_width: int, shape) -> Array:
   for one [8, 6, 228, 228] attention mask here; ~0.3 s of a mT5-small stage-2 step, eight
   such masks in the encoder). Accelerators keep their default (a TPU's hardware generator).
   """
-  dtype = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[bit_width]
   algorithm = (jax.lax.RandomAlgorithm.RNG_THREE_FRY if layers.target_platform() == 'cpu'
                else jax.lax.RandomAlgorithm.RNG_DEFAULT)
-  return jax.lax.rng_bit_generator(key, shape, dtype=dtype, algorithm=algorithm)[1]
+  return jax.lax.rng_bit_generator(key, shape, dtype=jnp.dtype(f'uint{bit_width}'),
+                                   algorithm=algorithm)[1]
 
 
 # jax's 'rbg' keys (seeded, split and folded as those are) with the bits above.
