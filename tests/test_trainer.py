@@ -73,6 +73,18 @@ def test_loss_falls_on_the_learnable_toy_task(finished_run):
   assert last['train_metrics']['loss'] < 0.69  # below chance for a two-way label (log 2)
 
 
+def test_logged_param_norm_is_the_norm_of_the_parameters_saved_at_that_step(finished_run):
+  # Taken by the trainer on log steps only (not by every train step): the stage-2 weights'
+  # norm after step 30, which is also the step that checkpoint 30 saved.
+  d = os.path.join(finished_run, 'model_tuning', 'checkpoint_30')
+  logged = json.load(open(os.path.join(d, 'state.json')))['train_metrics']['param_norm']
+  saved = tree_util.flatten(orbax_io.restore_params(d, as_numpy=True))
+  trained = [v for p, v in saved.items() if not p.startswith('prompt/')]
+  assert len(trained) == len(saved) - 1
+  expected = np.sqrt(sum(np.sum(np.square(v.astype(np.float64))) for v in trained))
+  np.testing.assert_allclose(logged, expected, rtol=1e-5)
+
+
 def test_rerunning_a_finished_run_skips_and_changes_nothing(finished_run, pretrained, capsys):
   before = listing(finished_run)
   assert cli.main(['run', *_flags(finished_run, pretrained.path)[0:]]) == 0

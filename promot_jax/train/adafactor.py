@@ -118,21 +118,22 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
     def _wide_update(g, v_row, v_col, v, p):
       """`one` for a wide [rows, columns] leaf (the [512, 250112] output head kernel).
 
-      Every statistic comes from one materialised g^2 through matrix-vector products: its
-      row and column sums (v_row, v_col; the eps of g^2 + eps added to the means) and the
-      update's mean square, sum_rc g^2 rf_r^2 cf_c^2 = rf^2 . (g^2 cf^2), so the update
-      itself is formed only where it is applied. The barrier keeps XLA:CPU from fusing
+      Every statistic comes from one materialised g^2 through products, two passes over it:
+      its column sums (v_col), then its row sums (v_row) together with g^2 cf^2, which gives
+      the update's mean square, sum_rc g^2 rf_r^2 cf_c^2 = rf^2 . (g^2 cf^2) (the eps of
+      g^2 + eps added to the means), so the update itself is formed only where it is applied. The barrier keeps XLA:CPU from fusing
       g * g into the column sum, which it then emits as a strided loop.
       """
       rows, cols = g.shape
       g2 = jax.lax.optimization_barrier(g * g)
-      new_row = (beta * v_row + (1.0 - beta) * (_sum(g2, 1) / cols + eps)).astype(v_row.dtype)
       new_col = (beta * v_col + (1.0 - beta) * (_sum(g2, 0) / rows + eps)).astype(v_col.dtype)
-      row_factor = jax.lax.rsqrt(new_row / jnp.mean(new_row))
       col_factor = jax.lax.rsqrt(new_col)
-      u_sum_sq = jnp.vdot(row_factor * row_factor,
-                          jnp.dot(g2, col_factor * col_factor,
-                                  precision=jax.lax.Precision.HIGHEST))
+      # g^2's row sums and g^2 cf^2 in one pass over g^2: a product with [ones, cf^2]
+      both = jnp.dot(g2, jnp.stack([jnp.ones_like(col_factor), col_factor * col_factor], 1),
+                     precision=jax.lax.Precision.HIGHEST)
+      new_row = (beta * v_row + (1.0 - beta) * (both[:, 0] / cols + eps)).astype(v_row.dtype)
+      row_factor = jax.lax.rsqrt(new_row / jnp.mean(new_row))
+      u_sum_sq = jnp.vdot(row_factor * row_factor, both[:, 1])
       scale = _scale(u_sum_sq / (rows * cols), p)
       u = g * row_factor[:, None] * col_factor[None, :]
       return (-scale * u).astype(p.dtype), new_row, new_col, v

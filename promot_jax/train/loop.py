@@ -219,7 +219,7 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
   # Every check passed and the state is on the mesh: only now is anything written.
   run.record_model_dir()
   progress.open_tensorboard(paths.join(stage_dir, 'tb'))
-  step_fn = layout.step.step_fn
+  step_fn, param_norm_fn = layout.step.step_fn, layout.step.param_norm_fn
   if layout.scanned:
     progress.log(f'scanned layers (remat {cfg.remat_policy}); checkpoints keep the t5x layout')
   cfg = cfg.replace(scan_layers=False)     # what validation and decoding see: the t5x tree
@@ -304,6 +304,8 @@ def _train_stage(run: RunConfig, stage: Stage, mesh, previous: Optional[Stage],
       pending = None
     if log_now:
       last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
+      # the norm of the parameters after this step, taken only when it is logged
+      last_metrics['param_norm'] = float(param_norm_fn(state.trainable))
       progress.step(done, dict(last_metrics, skipped_batches=skipped), stage.learning_rate)
     if save_now or stopping:
       checkpoint(done, validate_too=save_now)

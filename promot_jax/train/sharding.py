@@ -24,7 +24,7 @@ from promot_jax import mesh as partitioning, tree_util
 from promot_jax.model import stacking, transformer
 from promot_jax.train.optimizer import make_optimizer
 from promot_jax.train.stages import Stage, merge_params, split_params
-from promot_jax.train.step import TrainState, batch_features, make_train_step
+from promot_jax.train.step import TrainState, batch_features, global_norm, make_train_step
 
 
 def opt_state_shardings(abstract_opt_state: Any, abstract_trainable: Any, trainable_specs: Any,
@@ -71,6 +71,7 @@ class ShardedStep:
   state_sharding: TrainState
   abstract_opt_state: Any
   step_fn: Callable   # jitted: (state, frozen, batch, rng) -> (state, metrics); state donated
+  param_norm_fn: Callable   # jitted: trainable -> the global L2 norm (replicated scalar)
 
 
 def build_sharded_step(cfg, stage: Stage, mesh, rules, params: Any,
@@ -101,7 +102,10 @@ def build_sharded_step(cfg, stage: Stage, mesh, rules, params: Any,
                     in_shardings=(state_shard, f_shard, batch_shard, partitioning.replicated(mesh)),
                     out_shardings=(state_shard, partitioning.replicated(mesh)),
                     donate_argnums=(0,))
-  return ShardedStep(optimizer, t_shard, f_shard, state_shard, abstract_opt, step_fn)
+  param_norm_fn = jax.jit(global_norm, in_shardings=(t_shard,),
+                          out_shardings=partitioning.replicated(mesh))
+  return ShardedStep(optimizer, t_shard, f_shard, state_shard, abstract_opt, step_fn,
+                     param_norm_fn)
 
 
 def init_state_on_mesh(sharded: ShardedStep, trainable: Any) -> TrainState:

@@ -141,8 +141,9 @@ def make_train_step(cfg: T5Config, stage: Stage, optimizer: optax.GradientTransf
     trainable = sparse.apply_updates(state.trainable, updates)
     opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
                                        new_opt_state, state.opt_state)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
-                   param_norm=global_norm(trainable), finite=finite)
+    # The parameters' norm is not a step metric: it is a full pass over every trainable
+    # parameter that only log steps need (the trainer takes it then: ShardedStep.param_norm_fn).
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite)
     return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
   return train_step
