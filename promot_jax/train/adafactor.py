@@ -121,8 +121,9 @@ def adafactor(learning_rate: float, decay_rate: float = 0.8,
       Every statistic comes from one materialised g^2 through products, two passes over it:
       its column sums (v_col), then its row sums (v_row) together with g^2 cf^2, which gives
       the update's mean square, sum_rc g^2 rf_r^2 cf_c^2 = rf^2 . (g^2 cf^2) (the eps of
-      g^2 + eps added to the means), so the update itself is formed only where it is applied. The barrier keeps XLA:CPU from fusing
-      g * g into the column sum, which it then emits as a strided loop.
+      g^2 + eps added to the means), so the update itself is formed only where it is
+      applied. The barrier keeps XLA:CPU from fusing g * g into the column sum, which it
+      then emits as a strided loop.
       """
       rows, cols = g.shape
       g2 = jax.lax.optimization_barrier(g * g)
