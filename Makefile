@@ -27,11 +27,16 @@ demo: install
 smoke: install
 	$(BIN)/promot smoke --model mt5_small --prompt_length 100
 
+# The suite runs in TEST_WORKERS pytest-xdist processes, whole test files to one worker (their
+# module fixtures are built once); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-all: install
-	$(BIN)/python -m pytest -q -m ""
+	$(PYTEST) -m ""
 
 $(TPU_BIN)/activate:
 	$(PYTHON) -m venv $(TPU_VENV)

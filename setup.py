@@ -59,6 +59,7 @@ setup(
     extras_require={
         'test': [
             'pytest>=8',
+            'pytest-xdist>=3.5',      # `make test` runs the suite in two worker processes
             'hypothesis>=6',
             'torch==2.13.0',          # CPU reference for parity checks
             'transformers>=5,<6',
