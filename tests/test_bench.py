@@ -14,6 +14,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from promot_jax import cli, tree_util
@@ -118,7 +119,13 @@ def test_bench_quick_train_section(tmp_path, capsys):
   assert result['ratios']['finetune / hf_full_finetune'] is None   # --no-hf
   for name in result['train']:
     assert result['ratios'][f'{name} step / floor'] > 0
-  assert 'ratio prompt_tuning / model_tuning' in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert 'ratio prompt_tuning / model_tuning' in printed
+  # the floor is timed inside the rounds, beside the steps: one time per round
+  for name, row in result['train'].items():
+    assert len(row['floor']['floor_times_s']) == 1
+    assert row['floor']['floor_s'] == row['floor']['floor_times_s'][0]
+    assert re.search(rf'round 1/1: .*promot_jax/{name} [\d.]+ s.*floor/{name} [\d.]+ s', printed)
 
 
 @pytest.mark.slow
@@ -140,6 +147,7 @@ def test_bench_quick_writes_every_section_with_hf(tmp_path):
   # conditional branch: no floor for it; every other ratio is there
   assert result['decode_floor']['promot_jax/greedy'] is None
   assert result['decode_floor']['promot_jax/beam4']['dots'] > 0
+  assert len(result['decode_floor']['promot_jax/beam4']['floor_times_s']) == 1   # in the round
   no_floor = {'greedy / floor', 'greedy floor / hf_greedy'}
   assert all(r is None for n, r in result['ratios'].items() if n in no_floor)
   assert all(r is not None and r > 0 for n, r in result['ratios'].items() if n not in no_floor)
@@ -177,6 +185,42 @@ def test_floor_finds_every_dot_of_a_program_with_its_flops():
   assert sorted(d.flops for d in dots) == sorted([2 * 64 * 48 * 80, 2 * 64 * 80 * 16,
                                                   2 * 3 * 5 * 7 * 8])
   assert floor.time_dot(dots[0], repeats=1) > 0
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'int8', 'bfloat16'])
+def test_floor_operands_are_varied_integers_in_int8_range(dtype):
+  import jax.numpy as jnp
+  x = np.asarray(floor._fill((64, 300), jnp.dtype(dtype), 0).astype(jnp.float32))
+  assert x.shape == (64, 300) and x.min() == -60 and x.max() == 60
+  assert np.array_equal(x, np.round(x)) and len(np.unique(x)) == 121
+  assert not np.array_equal(x, np.asarray(floor._fill((64, 300), jnp.dtype(dtype), 1),
+                                          np.float32))   # the two operands differ
+
+
+def test_a_floor_timer_sums_each_shape_times_its_count(monkeypatch):
+  import jax
+  import jax.numpy as jnp
+
+  def program(a, b, c):
+    return (a @ b) @ c + jnp.tanh(a @ b) @ c     # a @ b once, then two [64, 80] x [80, 16]
+  args = [jnp.ones(s, jnp.float32) for s in ((64, 48), (48, 80), (80, 16))]
+  timer = floor.FloorTimer(jax.jit(program).lower(*args).compile())
+  assert timer.facts() == {'dots': 3, 'distinct_shapes': 2,
+                           'dot_flops': 2 * 64 * 48 * 80 + 2 * (2 * 64 * 80 * 16)}
+  assert timer() > 0
+  seconds = {(64, 48): 0.5, (64, 80): 0.25}     # per call, by the lhs shape
+  timed = []
+
+  def fake_time_once(fn, make):
+    timed.append(make()[0].shape)
+    return seconds[timed[-1]]
+  monkeypatch.setattr(floor, '_time_once', fake_time_once)
+  assert timer() == 0.5 + 2 * 0.25
+  assert sorted(timed) == [(64, 48), (64, 80)]       # each shape timed once per call
+  found = floor.summary(timer.facts(), [3.0, 1.0, 2.0])
+  assert found['floor_s'] == 2.0 and found['floor_times_s'] == [3.0, 1.0, 2.0]
+  assert found['gflops'] == pytest.approx(found['dot_flops'] / 2.0 / 1e9)
+  assert floor.summary(timer.facts(), []) is None and floor.summary(None, [1.0]) is None
 
 
 def test_floor_is_not_computed_for_a_dot_inside_a_loop():
@@ -275,7 +319,10 @@ def test_bench_isolate_times_each_workload_in_its_own_process(tmp_path, capsys):
     row = result['train'][name]
     assert len(row['step_times_s']) == 2 and all(t > 0 for t in row['step_times_s'])
     assert row['compile_s'] > 0 and row['floor']['floor_s'] > 0
+    # timed in the step's own process, once in each round
+    assert len(row['floor']['floor_times_s']) == 2 and 'floor_facts' not in row
   assert result['ratios']['prompt_tuning / model_tuning'] > 0
+  assert len(result['decode_floor']['promot_jax/beam4']['floor_times_s']) == 2
   assert set(result['decode']) == {'promot_jax/greedy', 'promot_jax/beam4'}
   # one peak RSS per worker process
   assert sorted(result['memory']) == sorted(f'promot_jax/{n} (own process)'

@@ -94,6 +94,20 @@ def _log_floor(log: Callable[[str], None], name: str, floor: Optional[dict]) -> 
         f'({floor["gflops"]:.0f} GFLOP/s)')
 
 
+def floor_timers(programs: dict, loop_trips: Optional[int] = None) -> dict:
+  """{name: a self-timed Timer 'floor/<name>' of the compiled program's products, or None
+  where its dots cannot be counted} (bench/floor.py)."""
+  out = {}
+  for name, compiled in programs.items():
+    timer = floor_lib.FloorTimer(compiled, loop_trips)
+    out[name] = Timer(f'floor/{name}', timer, self_timed=True) if timer.dots is not None else None
+  return out
+
+
+def floor_summary(timer: Optional[Timer]) -> Optional[dict]:
+  return floor_lib.summary(timer.call.facts(), timer.times) if timer else None
+
+
 # The train section's groups, each timed round-robin with its transformers counterpart:
 # stage 1 and stage 2 with PEFT prompt tuning; fine-tuning with full fine-tuning.
 _TRAIN_GROUPS = ((('prompt_tuning', 'model_tuning'), 'peft_prompt_tuning'),
@@ -136,17 +150,22 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
                   for (kind, name), w in zip(specs, workers)]
         for name, w in zip(group, workers):
           log(f'  promot_jax {name}: compiled in {w.info["compile_s"]:.1f} s (own process)')
+        # each step's products alone, timed in the step's own process, within the rounds
+        floors = {name: Timer(f'floor/{name}', w.floor, self_timed=True)
+                  for name, w in zip(group, workers) if w.info['floor_facts']}
         log(f'train {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
-        run_round_robin(timers, bc.repeats, log)
+        run_round_robin(timers + list(floors.values()), bc.repeats, log)
         finished = {w.name: w.finish(bc.repeats) for w in workers}
       finally:
         isolate_lib.close(workers)
       result['train'].update(jax_bench.finish_train_rows(
           timers[:len(group)], {w.name: w.info for w in workers[:len(group)]}))
-      for t in timers[:len(group)]:
+      for t, w in zip(timers[:len(group)], workers):
         name = t.name.rsplit('/', 1)[1]
-        result['train'][name]['floor'] = finished[name]['floor']
-        _log_floor(log, t.name, finished[name]['floor'])
+        result['train'][name].pop('floor_facts')
+        result['train'][name]['floor'] = floor_lib.summary(
+            w.info['floor_facts'], floors[name].times if name in floors else [])
+        _log_floor(log, t.name, result['train'][name]['floor'])
       if hf_name:
         result['hf_train'][hf_name] = _hf_row(timers[-1],
                                               finished[hf_name]['optimizer_state_bytes'])
@@ -160,19 +179,21 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
     for group, hf_name in _TRAIN_GROUPS:
       reset_peak_rss()
       timers, infos = jax_bench.train_step_timers(bc, params, batch, group, log)
+      ours = list(timers)
+      # each step's products alone, timed within the rounds (bench/floor.py)
+      floors = floor_timers({t.name.rsplit('/', 1)[1]: t.call.compiled for t in ours})
       hf_steps = {}
       if with_hf:
         build = getattr(hf_bench, hf_name)
         hf_steps[hf_name] = build(cfg, bc, batch, jax_bench.stage_for(group[0]))
         timers.append(Timer(f'hf/{hf_name}', hf_steps[hf_name]))
       log(f'train {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
-      run_round_robin(timers, bc.repeats, log)
-      ours = [t for t in timers if t.name.startswith('promot_jax/')]
+      run_round_robin(timers + [t for t in floors.values() if t], bc.repeats, log)
       result['train'].update(jax_bench.finish_train_rows(ours, infos))
-      for t in ours:   # after the timing rounds: the floor's own timing never overlaps them
-        row = result['train'][t.name.rsplit('/', 1)[1]]
-        row['floor'] = floor_lib.matmul_floor(t.call.compiled, bc.repeats)
-        _log_floor(log, t.name, row['floor'])
+      for t in ours:
+        name = t.name.rsplit('/', 1)[1]
+        result['train'][name]['floor'] = floor_summary(floors[name])
+        _log_floor(log, t.name, result['train'][name]['floor'])
       for t in timers:
         if t.name.startswith('hf/'):
           result['hf_train'][t.name[3:]] = _hf_row(
@@ -180,6 +201,10 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
       result['memory'][' + '.join(group)] = jax_bench.memory_now()
       del timers, hf_steps
 
+  if 'decode' in sections:
+    # each decoding program's products alone, timed in this process (isolated or not),
+    # within the rounds; its loop's dots once per position
+    floors = floor_timers(jax_bench.decode_programs(bc, params, batch), bc.decode_length)
   if 'decode' in sections and isolate:
     names = [f'{side}/{method}' for side in ('promot_jax', 'hf')[:2 if with_hf else 1]
              for method in ('greedy', f'beam{bc.beam_size}')]
@@ -187,7 +212,7 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
     try:
       timers = [Timer(n, w, self_timed=True) for n, w in zip(names, workers)]
       log(f'decode {" + ".join(names)} ({bc.repeats} rounds)')
-      run_round_robin(timers, bc.repeats, log)
+      run_round_robin(timers + [t for t in floors.values() if t], bc.repeats, log)
     finally:
       isolate_lib.close(workers)
   elif 'decode' in sections:
@@ -195,13 +220,12 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
     if with_hf:
       timers += hf_bench.generate_timers(cfg, bc, batch)
     log(f'decode {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
-    run_round_robin(timers, bc.repeats, log)
+    run_round_robin(timers + [t for t in floors.values() if t], bc.repeats, log)
   if 'decode' in sections:
     result['decode'] = {t.name: t.median_s for t in timers}
     result['decode_tokens_per_s'] = {t.name: bc.batch * bc.decode_length / t.median_s
                                      for t in timers}
-    # after the timing rounds, in this process (isolated or not): each program's products alone
-    result['decode_floor'] = jax_bench.decode_floors(bc, params, batch)
+    result['decode_floor'] = {name: floor_summary(t) for name, t in floors.items()}
     for name, found in result['decode_floor'].items():
       if found:
         _log_floor(log, name, found)

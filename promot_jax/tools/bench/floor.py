@@ -1,10 +1,12 @@
 """A program's matmul floor: how long its matrix products alone take on this CPU.
 
 Every dot of the compiled step (its optimized HLO, dots inside fusions included) is rebuilt as
-a stand-alone jitted `lax.dot_general` on random operands of the same shapes, dimension
-numbers and element type, and timed here (median of `repeats` calls after a warm-up); the
-floor is the sum over the step's dots. `step / floor` then says how far the step is from doing
-nothing but its products at the rate this CPU reaches on those very shapes, so a slow shape
+a stand-alone jitted `lax.dot_general` on operands of the same shapes, dimension numbers and
+element type, and timed here; one measurement of the floor times each distinct shape once and
+sums over the step's dots (FloorTimer). The bench takes it inside its timing rounds, between
+the steps (A, B, floor A, floor B, A, B, ...), and reports the median. `step / floor` then
+says how far the step is from doing nothing but its products at the rate this CPU reaches on
+those very shapes, measured while the steps were, so a slow shape
 (the output head's [tokens, 512] x [512, 250112]) raises the floor instead of counting as
 overhead. Operand layouts are not reproduced (the stand-alone operands are row-major), and
 each timed call includes one dispatch (tens of microseconds: it matters only for tiny
@@ -17,6 +19,7 @@ float32 fallback in model/head_select.py): no floor then either.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 import statistics
@@ -120,36 +123,85 @@ def dots_of_hlo(text: str, loop_trips: Optional[int] = None) -> Optional[list[Do
   return found if walk(entry, 0, False) else None
 
 
-def time_dot(dot: Dot, repeats: int = 5) -> float:
-  """Median seconds of one stand-alone call of `dot` on random operands."""
-  rng = np.random.default_rng(0)
-  types = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16, 's8': jnp.int8,
-           's32': jnp.int32}
-  if dot.dtype not in types or (dot.out_dtype and dot.out_dtype not in types):
+_TYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16, 's8': jnp.int8,
+          's32': jnp.int32}
+
+
+def _fill(shape: tuple[int, ...], dtype, salt: int) -> jax.Array:
+  """An operand made on the device: integers in [-60, 60] in a scrambled order (as int8 they
+  use most of its range; as floats any value times the same), cheap to make at every call."""
+  n = int(np.prod(shape))
+  i = jax.lax.iota(jnp.uint32, n) * jnp.uint32(2654435761) + jnp.uint32(salt)
+  return ((i >> 8) % 121).astype(jnp.int32).astype(dtype).reshape(shape) - jnp.asarray(60, dtype)
+
+
+class FloorTimer:
+  """Times a compiled program's products: each call runs every distinct dot shape once, alone,
+  on fresh operands, and returns the floor those times give (each shape's seconds times the
+  number of dots of that shape). The bench calls it inside its timing rounds, between the
+  programs it times, so the floor and the steps see the same machine; operands are made before
+  each product and freed after it, so nothing of the floor stays resident between calls.
+  `dots` is None when the program's dots cannot be counted (dots_of_hlo)."""
+
+  def __init__(self, compiled, loop_trips: Optional[int] = None):
+    self.dots = dots_of_hlo(compiled.as_text(), loop_trips)
+    self._counts = collections.Counter(self.dots or [])
+    self._shapes = sorted(self._counts, key=lambda d: -d.flops)
+    self._fns = {d: _dot_fn(d) for d in self._shapes}
+
+  def __call__(self) -> float:
+    return sum(self._counts[d] * _time_once(*self._fns[d]) for d in self._shapes)
+
+  def facts(self) -> Optional[dict]:
+    """{'dots', 'distinct_shapes', 'dot_flops'}; None when the dots could not be counted."""
+    if self.dots is None:
+      return None
+    return {'dots': len(self.dots), 'distinct_shapes': len(self._shapes),
+            'dot_flops': sum(d.flops for d in self.dots)}
+
+
+def summary(facts: Optional[dict], times: list[float]) -> Optional[dict]:
+  """A FloorTimer's facts with 'floor_s' (the median of `times`, calls of the timer),
+  'gflops' and 'floor_times_s'; None without facts or times."""
+  if not facts or not times:
+    return None
+  floor_s = statistics.median(times)
+  return dict(facts, floor_s=floor_s, gflops=facts['dot_flops'] / floor_s / 1e9 if floor_s
+              else None, floor_times_s=list(times))
+
+
+def _dot_fn(dot: Dot):
+  """(the jitted stand-alone dot, a jitted maker of its two operands)."""
+  if dot.dtype not in _TYPES or (dot.out_dtype and dot.out_dtype not in _TYPES):
     raise ValueError(f'No stand-alone timing for a {dot.dtype} -> {dot.out_dtype} dot.')
-  dtype = types[dot.dtype]
-  lhs = jnp.asarray(rng.standard_normal(dot.lhs, np.float32) * 20, dtype)  # int8: -60..60
-  rhs = jnp.asarray(rng.standard_normal(dot.rhs, np.float32) * 20, dtype)
+  dtype = _TYPES[dot.dtype]
   numbers = ((dot.lhs_contracting, dot.rhs_contracting), (dot.lhs_batch, dot.rhs_batch))
-  out = types[dot.out_dtype] if dot.out_dtype else None
+  out = _TYPES[dot.out_dtype] if dot.out_dtype else None
   fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers, preferred_element_type=out))
+  make = jax.jit(lambda: (_fill(dot.lhs, dtype, 0), _fill(dot.rhs, dtype, 1)))
+  return fn, make
+
+
+def _time_once(fn, make) -> float:
+  """Seconds of one call of the dot `fn` (its operands made first, outside the timing)."""
+  lhs, rhs = jax.block_until_ready(make())
+  start = time.perf_counter()
   jax.block_until_ready(fn(lhs, rhs))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(lhs, rhs))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return time.perf_counter() - start
+
+
+def time_dot(dot: Dot, repeats: int = 5) -> float:
+  """Median seconds of one stand-alone call of `dot` (after a warm-up call)."""
+  fns = _dot_fn(dot)
+  _time_once(*fns)
+  return statistics.median(_time_once(*fns) for _ in range(repeats))
 
 
 def matmul_floor(compiled, repeats: int = 5, loop_trips: Optional[int] = None) -> Optional[dict]:
-  """{'dots', 'distinct_shapes', 'dot_flops', 'floor_s', 'gflops'} of a compiled program, or
-  None when its dots cannot be counted (dots_of_hlo)."""
-  dots = dots_of_hlo(compiled.as_text(), loop_trips)
-  if dots is None:
+  """FloorTimer's summary of `repeats` calls after a warm-up, or None when the program's dots
+  cannot be counted (dots_of_hlo)."""
+  timer = FloorTimer(compiled, loop_trips)
+  if timer.dots is None:
     return None
-  seconds = {d: time_dot(d, repeats) for d in sorted(set(dots), key=lambda d: -d.flops)}
-  floor_s = sum(seconds[d] for d in dots)
-  flops = sum(d.flops for d in dots)
-  return {'dots': len(dots), 'distinct_shapes': len(seconds), 'dot_flops': flops,
-          'floor_s': floor_s, 'gflops': flops / floor_s / 1e9 if floor_s else None}
+  timer()
+  return summary(timer.facts(), [timer() for _ in range(repeats)])

@@ -15,7 +15,7 @@ import dataclasses
 import multiprocessing
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from promot_jax.tools.bench import floor as floor_lib, hf_bench, jax_bench
 from promot_jax.tools.bench.common import BenchConfig, peak_rss_bytes, synthetic_batch
@@ -23,35 +23,41 @@ from promot_jax.tools.bench.common import BenchConfig, peak_rss_bytes, synthetic
 _HF_TRAIN = {'peft_prompt_tuning': 'prompt_tuning', 'full_finetune': 'finetune'}
 
 
-def _build(kind: str, name: str, bc: BenchConfig) -> tuple[Callable[[], Any], dict,
-                                                             Callable[[int], dict]]:
-  """(call, facts known once built, finish(repeats) -> facts after the timing rounds)."""
+@dataclasses.dataclass
+class _Workload:
+  call: Callable[[], Any]
+  info: dict                          # facts known once built
+  finish: Callable[[int], dict]       # finish(repeats) -> facts after the timing rounds
+  floor: Optional[Callable[[], float]] = None   # its products alone (bench/floor.py): s
+
+
+def _build(kind: str, name: str, bc: BenchConfig) -> _Workload:
   cfg = jax_bench.model_config(bc)
   batch = synthetic_batch(bc, cfg.vocab_size)
   if kind == 'promot_jax':
     step = jax_bench.StageStep(bc, jax_bench.stage_for(name), jax_bench.random_params(bc), batch)
-    return step, step.info(), lambda repeats: {
-        'floor': floor_lib.matmul_floor(step.compiled, repeats),
-        'peak_host_rss_bytes': peak_rss_bytes()}
+    floor = floor_lib.FloorTimer(step.compiled)
+    return _Workload(step, dict(step.info(), floor_facts=floor.facts()),
+                     lambda repeats: {'peak_host_rss_bytes': peak_rss_bytes()}, floor)
   if kind == 'hf':
     build = getattr(hf_bench, name)
     step = build(cfg, bc, batch, jax_bench.stage_for(_HF_TRAIN[name]))
-    return step, {}, lambda repeats: {
+    return _Workload(step, {}, lambda repeats: {
         'optimizer_state_bytes': hf_bench.optimizer_state_bytes(step),
-        'peak_host_rss_bytes': peak_rss_bytes()}
+        'peak_host_rss_bytes': peak_rss_bytes()})
   if kind == 'decode':
     timers = (jax_bench.decode_timers(bc, jax_bench.random_params(bc), batch)
               if name.startswith('promot_jax/') else hf_bench.generate_timers(cfg, bc, batch))
     timer = next(t for t in timers if t.name == name)
-    return timer.call, {}, lambda repeats: {'peak_host_rss_bytes': peak_rss_bytes()}
+    return _Workload(timer.call, {}, lambda repeats: {'peak_host_rss_bytes': peak_rss_bytes()})
   raise ValueError(f'unknown workload kind {kind!r}')
 
 
 def _serve(conn, kind: str, name: str, bc_fields: dict) -> None:
   """The worker: build the workload, then run what the parent asks until told to stop."""
   try:
-    call, info, finish = _build(kind, name, BenchConfig(**bc_fields))
-    conn.send(('ready', info))
+    work = _build(kind, name, BenchConfig(**bc_fields))
+    conn.send(('ready', work.info))
   except Exception:  # noqa: BLE001 - reported to the parent, which raises it
     conn.send(('error', traceback.format_exc()))
     return
@@ -59,10 +65,12 @@ def _serve(conn, kind: str, name: str, bc_fields: dict) -> None:
     command, arg = conn.recv()
     if command == 'call':
       start = time.perf_counter()
-      call()
+      work.call()
       conn.send(('done', time.perf_counter() - start))
+    elif command == 'floor':
+      conn.send(('done', work.floor()))
     elif command == 'finish':
-      conn.send(('done', finish(arg)))
+      conn.send(('done', work.finish(arg)))
     else:
       return
 
@@ -92,6 +100,11 @@ class Worker:
   def __call__(self) -> float:
     """Run the workload once; the seconds it took in the worker."""
     self._conn.send(('call', None))
+    return self._receive()
+
+  def floor(self) -> float:
+    """Time the workload's products alone once there (a promot_jax train step): seconds."""
+    self._conn.send(('floor', None))
     return self._receive()
 
   def finish(self, repeats: int) -> dict:

@@ -18,7 +18,6 @@ import numpy as np
 from promot_jax import mesh as partitioning
 from promot_jax.data import pipeline as data
 from promot_jax.model import config as config_lib, decoding, formats, prompt, transformer as model
-from promot_jax.tools.bench import floor as floor_lib
 from promot_jax.tools.bench.common import (BenchConfig, CompileCounter, Timer, device_peak_bytes,
                                            peak_rss_bytes, reset_peak_rss, tree_bytes)
 from promot_jax.tools.plan_hardware import memory_row
@@ -162,18 +161,17 @@ def decode_timers(bc: BenchConfig, params: dict, batch: dict) -> list[Timer]:
   return [Timer('promot_jax/greedy', greedy), Timer(f'promot_jax/beam{bc.beam_size}', beam)]
 
 
-def decode_floors(bc: BenchConfig, params: dict, batch: dict) -> dict:
-  """The matmul floor (bench/floor.py) of the programs decode_timers runs: their decoding loop
-  runs `decode_length` times (eos_id=-1). Greedy decoding's float32 fallback sits in a
-  conditional branch (model/head_select.py), so its floor is None where that head is used."""
+def decode_programs(bc: BenchConfig, params: dict, batch: dict) -> dict:
+  """{name: compiled program} of what decode_timers runs (for their matmul floor,
+  bench/floor.py): their decoding loop runs `decode_length` times (eos_id=-1). Greedy
+  decoding's float32 fallback sits in a conditional branch (model/head_select.py), so its dots
+  cannot be counted where that head is used."""
   cfg, dev_params, enc = _decode_setup(bc, params, batch)
   greedy = decoding.greedy_decode_jitted.lower(*decoding.greedy_decode_arguments(
       cfg, dev_params, enc, bc.decode_length, eos_id=-1))
   beam = decoding.beam_search_jitted.lower(*decoding.beam_search_arguments(
       cfg, dev_params, enc, bc.decode_length, bc.beam_size, eos_id=-1))
-  return {name: floor_lib.matmul_floor(lowered.compile(), bc.repeats, bc.decode_length)
-          for name, lowered in (('promot_jax/greedy', greedy),
-                                (f'promot_jax/beam{bc.beam_size}', beam))}
+  return {'promot_jax/greedy': greedy.compile(), f'promot_jax/beam{bc.beam_size}': beam.compile()}
 
 
 # ------------------------------------------------------------------------ input pipeline
