@@ -204,23 +204,25 @@ def test_a_floor_timer_sums_each_shape_times_its_count(monkeypatch):
   def program(a, b, c):
     return (a @ b) @ c + jnp.tanh(a @ b) @ c     # a @ b once, then two [64, 80] x [80, 16]
   args = [jnp.ones(s, jnp.float32) for s in ((64, 48), (48, 80), (80, 16))]
-  timer = floor.FloorTimer(jax.jit(program).lower(*args).compile())
-  assert timer.facts() == {'dots': 3, 'distinct_shapes': 2,
-                           'dot_flops': 2 * 64 * 48 * 80 + 2 * (2 * 64 * 80 * 16)}
+  timer = floor.FloorTimer(floor.dots_of_hlo(jax.jit(program).lower(*args).compile().as_text()),
+                           calls_per_shape=2)
+  assert floor.facts(timer.dots) == {'dots': 3, 'distinct_shapes': 2,
+                                     'dot_flops': 2 * 64 * 48 * 80 + 2 * (2 * 64 * 80 * 16)}
   assert timer() > 0
   seconds = {(64, 48): 0.5, (64, 80): 0.25}     # per call, by the lhs shape
   timed = []
 
-  def fake_time_once(fn, make):
-    timed.append(make()[0].shape)
-    return seconds[timed[-1]]
-  monkeypatch.setattr(floor, '_time_once', fake_time_once)
+  def fake_time_shape(fn, make, calls):
+    timed.append((make()[0].shape, calls))
+    return seconds[timed[-1][0]]
+  monkeypatch.setattr(floor, '_time_shape', fake_time_shape)
   assert timer() == 0.5 + 2 * 0.25
-  assert sorted(timed) == [(64, 48), (64, 80)]       # each shape timed once per call
-  found = floor.summary(timer.facts(), [3.0, 1.0, 2.0])
+  assert sorted(timed) == [((64, 48), 2), ((64, 80), 2)]   # each shape timed once per call
+  found = floor.summary(floor.facts(timer.dots), [3.0, 1.0, 2.0])
   assert found['floor_s'] == 2.0 and found['floor_times_s'] == [3.0, 1.0, 2.0]
   assert found['gflops'] == pytest.approx(found['dot_flops'] / 2.0 / 1e9)
-  assert floor.summary(timer.facts(), []) is None and floor.summary(None, [1.0]) is None
+  assert floor.summary(floor.facts(timer.dots), []) is None
+  assert floor.summary(None, [1.0]) is None
 
 
 def test_floor_is_not_computed_for_a_dot_inside_a_loop():
@@ -320,7 +322,7 @@ def test_bench_isolate_times_each_workload_in_its_own_process(tmp_path, capsys):
     assert len(row['step_times_s']) == 2 and all(t > 0 for t in row['step_times_s'])
     assert row['compile_s'] > 0 and row['floor']['floor_s'] > 0
     # timed in the step's own process, once in each round
-    assert len(row['floor']['floor_times_s']) == 2 and 'floor_facts' not in row
+    assert len(row['floor']['floor_times_s']) == 2 and 'dots' not in row
   assert result['ratios']['prompt_tuning / model_tuning'] > 0
   assert len(result['decode_floor']['promot_jax/beam4']['floor_times_s']) == 2
   assert set(result['decode']) == {'promot_jax/greedy', 'promot_jax/beam4'}

@@ -9,8 +9,9 @@ Sections (each a median over --repeats calls, compile time apart):
           step), tokens/s, optimizer-state bytes, XLA FLOPs and memory, peak host/device memory;
           transformers full fine-tuning and PEFT prompt tuning at the same shapes, run
           round-robin with the promot_jax steps so every ratio comes from one run; each
-          step's matmul floor (bench/floor.py: its dots timed alone at their shapes) and
-          step / floor. --isolate: each workload in a process of its own (bench/isolate.py)
+          step's matmul floor (bench/floor.py: its dots timed alone at their shapes, in the
+          same rounds, by a process of its own) and step / floor. --isolate: each workload in
+          a process of its own (bench/isolate.py)
   decode  greedy and beam search with the cache vs transformers' generate; each program's matmul
           floor (its decoding loop runs once per position), decode / floor, and floor / generate:
           the lowest ratio to transformers that doing nothing but the products would reach
@@ -94,18 +95,31 @@ def _log_floor(log: Callable[[str], None], name: str, floor: Optional[dict]) -> 
         f'({floor["gflops"]:.0f} GFLOP/s)')
 
 
-def floor_timers(programs: dict, loop_trips: Optional[int] = None) -> dict:
-  """{name: a self-timed Timer 'floor/<name>' of the compiled program's products, or None
-  where its dots cannot be counted} (bench/floor.py)."""
-  out = {}
-  for name, compiled in programs.items():
-    timer = floor_lib.FloorTimer(compiled, loop_trips)
-    out[name] = Timer(f'floor/{name}', timer, self_timed=True) if timer.dots is not None else None
-  return out
+class Floors:
+  """The matmul floors of programs ({name: their dots, or None where they cannot be counted}),
+  each timed by a worker process of its own (bench/floor.py, bench/isolate.py): `timers` go
+  into the timing rounds beside the programs; `summary(name)` after them."""
 
+  def __init__(self, programs: dict, bc: BenchConfig):
+    self.programs = programs
+    counted = [(name, dots) for name, dots in programs.items() if dots is not None]
+    workers = isolate_lib.start([('floor', f'floor/{name}', dots) for name, dots in counted], bc)
+    self._timers = {name: Timer(f'floor/{name}', w, self_timed=True)
+                    for (name, _), w in zip(counted, workers)}
 
-def floor_summary(timer: Optional[Timer]) -> Optional[dict]:
-  return floor_lib.summary(timer.call.facts(), timer.times) if timer else None
+  @property
+  def timers(self) -> list[Timer]:
+    return list(self._timers.values())
+
+  def summary(self, name: str) -> Optional[dict]:
+    dots, timer = self.programs[name], self._timers.get(name)
+    return floor_lib.summary(floor_lib.facts(dots), timer.times) if timer else None
+
+  def __enter__(self) -> 'Floors':
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    isolate_lib.close([t.call for t in self._timers.values()])
 
 
 # The train section's groups, each timed round-robin with its transformers counterpart:
@@ -150,21 +164,18 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
                   for (kind, name), w in zip(specs, workers)]
         for name, w in zip(group, workers):
           log(f'  promot_jax {name}: compiled in {w.info["compile_s"]:.1f} s (own process)')
-        # each step's products alone, timed in the step's own process, within the rounds
-        floors = {name: Timer(f'floor/{name}', w.floor, self_timed=True)
-                  for name, w in zip(group, workers) if w.info['floor_facts']}
-        log(f'train {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
-        run_round_robin(timers + list(floors.values()), bc.repeats, log)
+        # each step's products alone, timed within the rounds by workers of their own
+        with Floors({name: w.info.pop('dots') for name, w in zip(group, workers)}, bc) as floors:
+          log(f'train {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
+          run_round_robin(timers + floors.timers, bc.repeats, log)
         finished = {w.name: w.finish(bc.repeats) for w in workers}
       finally:
         isolate_lib.close(workers)
       result['train'].update(jax_bench.finish_train_rows(
           timers[:len(group)], {w.name: w.info for w in workers[:len(group)]}))
-      for t, w in zip(timers[:len(group)], workers):
+      for t in timers[:len(group)]:
         name = t.name.rsplit('/', 1)[1]
-        result['train'][name].pop('floor_facts')
-        result['train'][name]['floor'] = floor_lib.summary(
-            w.info['floor_facts'], floors[name].times if name in floors else [])
+        result['train'][name]['floor'] = floors.summary(name)
         _log_floor(log, t.name, result['train'][name]['floor'])
       if hf_name:
         result['hf_train'][hf_name] = _hf_row(timers[-1],
@@ -180,19 +191,20 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
       reset_peak_rss()
       timers, infos = jax_bench.train_step_timers(bc, params, batch, group, log)
       ours = list(timers)
-      # each step's products alone, timed within the rounds (bench/floor.py)
-      floors = floor_timers({t.name.rsplit('/', 1)[1]: t.call.compiled for t in ours})
       hf_steps = {}
       if with_hf:
         build = getattr(hf_bench, hf_name)
         hf_steps[hf_name] = build(cfg, bc, batch, jax_bench.stage_for(group[0]))
         timers.append(Timer(f'hf/{hf_name}', hf_steps[hf_name]))
-      log(f'train {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
-      run_round_robin(timers + [t for t in floors.values() if t], bc.repeats, log)
+      # each step's products alone, timed within the rounds by workers of their own
+      with Floors({t.name.rsplit('/', 1)[1]: floor_lib.dots_of_hlo(t.call.compiled.as_text())
+                   for t in ours}, bc) as floors:
+        log(f'train {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
+        run_round_robin(timers + floors.timers, bc.repeats, log)
       result['train'].update(jax_bench.finish_train_rows(ours, infos))
       for t in ours:
         name = t.name.rsplit('/', 1)[1]
-        result['train'][name]['floor'] = floor_summary(floors[name])
+        result['train'][name]['floor'] = floors.summary(name)
         _log_floor(log, t.name, result['train'][name]['floor'])
       for t in timers:
         if t.name.startswith('hf/'):
@@ -202,30 +214,30 @@ def run_bench(bc: BenchConfig, with_hf: bool = True, sections=('train', 'decode'
       del timers, hf_steps
 
   if 'decode' in sections:
-    # each decoding program's products alone, timed in this process (isolated or not),
-    # within the rounds; its loop's dots once per position
-    floors = floor_timers(jax_bench.decode_programs(bc, params, batch), bc.decode_length)
-  if 'decode' in sections and isolate:
-    names = [f'{side}/{method}' for side in ('promot_jax', 'hf')[:2 if with_hf else 1]
-             for method in ('greedy', f'beam{bc.beam_size}')]
-    workers = isolate_lib.start([('decode', n) for n in names], bc)
-    try:
+    # each decoding program's products alone (its loop's dots once per position), timed
+    # within the rounds by workers of their own
+    programs = {name: floor_lib.dots_of_hlo(compiled.as_text(), bc.decode_length)
+                for name, compiled in jax_bench.decode_programs(bc, params, batch).items()}
+    if isolate:
+      names = [f'{side}/{method}' for side in ('promot_jax', 'hf')[:2 if with_hf else 1]
+               for method in ('greedy', f'beam{bc.beam_size}')]
+      workers = isolate_lib.start([('decode', n) for n in names], bc)
       timers = [Timer(n, w, self_timed=True) for n, w in zip(names, workers)]
-      log(f'decode {" + ".join(names)} ({bc.repeats} rounds)')
-      run_round_robin(timers + [t for t in floors.values() if t], bc.repeats, log)
+    else:
+      workers = []
+      timers = jax_bench.decode_timers(bc, params, batch)
+      if with_hf:
+        timers += hf_bench.generate_timers(cfg, bc, batch)
+    try:
+      with Floors(programs, bc) as floors:
+        log(f'decode {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
+        run_round_robin(timers + floors.timers, bc.repeats, log)
     finally:
       isolate_lib.close(workers)
-  elif 'decode' in sections:
-    timers = jax_bench.decode_timers(bc, params, batch)
-    if with_hf:
-      timers += hf_bench.generate_timers(cfg, bc, batch)
-    log(f'decode {" + ".join(t.name for t in timers)} ({bc.repeats} rounds)')
-    run_round_robin(timers + [t for t in floors.values() if t], bc.repeats, log)
-  if 'decode' in sections:
     result['decode'] = {t.name: t.median_s for t in timers}
     result['decode_tokens_per_s'] = {t.name: bc.batch * bc.decode_length / t.median_s
                                      for t in timers}
-    result['decode_floor'] = {name: floor_summary(t) for name, t in floors.items()}
+    result['decode_floor'] = {name: floors.summary(name) for name in programs}
     for name, found in result['decode_floor'].items():
       if found:
         _log_floor(log, name, found)

@@ -4,7 +4,8 @@ Every dot of the compiled step (its optimized HLO, dots inside fusions included)
 a stand-alone jitted `lax.dot_general` on operands of the same shapes, dimension numbers and
 element type, and timed here; one measurement of the floor times each distinct shape once and
 sums over the step's dots (FloorTimer). The bench takes it inside its timing rounds, between
-the steps (A, B, floor A, floor B, A, B, ...), and reports the median. `step / floor` then
+the steps (A, B, floor A, floor B, A, B, ...), in a process of its own, and reports the
+median. `step / floor` then
 says how far the step is from doing nothing but its products at the rate this CPU reaches on
 those very shapes, measured while the steps were, so a slow shape
 (the output head's [tokens, 512] x [512, 250112]) raises the floor instead of counting as
@@ -136,32 +137,32 @@ def _fill(shape: tuple[int, ...], dtype, salt: int) -> jax.Array:
 
 
 class FloorTimer:
-  """Times a compiled program's products: each call runs every distinct dot shape once, alone,
-  on fresh operands, and returns the floor those times give (each shape's seconds times the
-  number of dots of that shape). The bench calls it inside its timing rounds, between the
-  programs it times, so the floor and the steps see the same machine; operands are made before
-  each product and freed after it, so nothing of the floor stays resident between calls.
-  `dots` is None when the program's dots cannot be counted (dots_of_hlo)."""
+  """Times a program's products (its `dots`, from dots_of_hlo): each call runs every distinct
+  dot shape alone, `calls_per_shape` times back to back on operands made just before, and
+  returns the floor those times give (each shape's median seconds times the number of dots of
+  that shape). The bench calls it inside its timing rounds, between the programs it times, so
+  the floor and the steps see the same machine, from a process of its own (`promot bench`:
+  bench/isolate.py) so that its operands touch neither the bench's memory nor its figures."""
 
-  def __init__(self, compiled, loop_trips: Optional[int] = None):
-    self.dots = dots_of_hlo(compiled.as_text(), loop_trips)
-    self._counts = collections.Counter(self.dots or [])
+  def __init__(self, dots: list[Dot], calls_per_shape: int = 3):
+    self.dots, self.calls_per_shape = list(dots), calls_per_shape
+    self._counts = collections.Counter(self.dots)
     self._shapes = sorted(self._counts, key=lambda d: -d.flops)
     self._fns = {d: _dot_fn(d) for d in self._shapes}
 
   def __call__(self) -> float:
-    return sum(self._counts[d] * _time_once(*self._fns[d]) for d in self._shapes)
+    return sum(self._counts[d] * _time_shape(*self._fns[d], self.calls_per_shape)
+               for d in self._shapes)
 
-  def facts(self) -> Optional[dict]:
-    """{'dots', 'distinct_shapes', 'dot_flops'}; None when the dots could not be counted."""
-    if self.dots is None:
-      return None
-    return {'dots': len(self.dots), 'distinct_shapes': len(self._shapes),
-            'dot_flops': sum(d.flops for d in self.dots)}
+
+def facts(dots: list[Dot]) -> dict:
+  """{'dots', 'distinct_shapes', 'dot_flops'} of a program's dots."""
+  return {'dots': len(dots), 'distinct_shapes': len(set(dots)),
+          'dot_flops': sum(d.flops for d in dots)}
 
 
 def summary(facts: Optional[dict], times: list[float]) -> Optional[dict]:
-  """A FloorTimer's facts with 'floor_s' (the median of `times`, calls of the timer),
+  """A program's `facts` with 'floor_s' (the median of `times`, calls of the timer),
   'gflops' and 'floor_times_s'; None without facts or times."""
   if not facts or not times:
     return None
@@ -182,26 +183,31 @@ def _dot_fn(dot: Dot):
   return fn, make
 
 
-def _time_once(fn, make) -> float:
-  """Seconds of one call of the dot `fn` (its operands made first, outside the timing)."""
+def _time_shape(fn, make, calls: int) -> float:
+  """Median seconds of `calls` back-to-back calls of the dot `fn` on operands `make()` makes
+  first (outside the timing); they are freed on return."""
   lhs, rhs = jax.block_until_ready(make())
-  start = time.perf_counter()
-  jax.block_until_ready(fn(lhs, rhs))
-  return time.perf_counter() - start
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(lhs, rhs))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def time_dot(dot: Dot, repeats: int = 5) -> float:
   """Median seconds of one stand-alone call of `dot` (after a warm-up call)."""
   fns = _dot_fn(dot)
-  _time_once(*fns)
-  return statistics.median(_time_once(*fns) for _ in range(repeats))
+  _time_shape(*fns, 1)
+  return _time_shape(*fns, repeats)
 
 
 def matmul_floor(compiled, repeats: int = 5, loop_trips: Optional[int] = None) -> Optional[dict]:
   """FloorTimer's summary of `repeats` calls after a warm-up, or None when the program's dots
   cannot be counted (dots_of_hlo)."""
-  timer = FloorTimer(compiled, loop_trips)
-  if timer.dots is None:
+  dots = dots_of_hlo(compiled.as_text(), loop_trips)
+  if dots is None:
     return None
+  timer = FloorTimer(dots)
   timer()
-  return summary(timer.facts(), [timer() for _ in range(repeats)])
+  return summary(facts(dots), [timer() for _ in range(repeats)])

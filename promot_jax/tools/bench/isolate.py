@@ -7,6 +7,10 @@ a transformers train step, one decoding method) lives in its own worker process,
 compiled there; the parent calls them in turn (A, B, A, B, ...) exactly as the in-process
 round-robin does, so they still share the machine's load, but not an allocator, caches or
 thread pools. Only one worker computes at a time; the others wait on their pipe.
+
+A program's matmul floor (bench/floor.py) is always timed by a worker of its own (kind
+'floor', given the program's dots), with or without --isolate: its operands, up to a
+[512, 250112] array, then never enter the benchmarked process's memory or peak RSS.
 """
 
 from __future__ import annotations
@@ -28,17 +32,18 @@ class _Workload:
   call: Callable[[], Any]
   info: dict                          # facts known once built
   finish: Callable[[int], dict]       # finish(repeats) -> facts after the timing rounds
-  floor: Optional[Callable[[], float]] = None   # its products alone (bench/floor.py): s
+  self_timed: bool = False            # call() returns the seconds it measured itself
 
 
-def _build(kind: str, name: str, bc: BenchConfig) -> _Workload:
+def _build(kind: str, name: str, bc: BenchConfig, payload: Any = None) -> _Workload:
+  if kind == 'floor':                 # payload: the program's dots (bench/floor.py)
+    return _Workload(floor_lib.FloorTimer(payload), {}, lambda repeats: {}, self_timed=True)
   cfg = jax_bench.model_config(bc)
   batch = synthetic_batch(bc, cfg.vocab_size)
   if kind == 'promot_jax':
     step = jax_bench.StageStep(bc, jax_bench.stage_for(name), jax_bench.random_params(bc), batch)
-    floor = floor_lib.FloorTimer(step.compiled)
-    return _Workload(step, dict(step.info(), floor_facts=floor.facts()),
-                     lambda repeats: {'peak_host_rss_bytes': peak_rss_bytes()}, floor)
+    return _Workload(step, dict(step.info(), dots=floor_lib.dots_of_hlo(step.compiled.as_text())),
+                     lambda repeats: {'peak_host_rss_bytes': peak_rss_bytes()})
   if kind == 'hf':
     build = getattr(hf_bench, name)
     step = build(cfg, bc, batch, jax_bench.stage_for(_HF_TRAIN[name]))
@@ -53,10 +58,10 @@ def _build(kind: str, name: str, bc: BenchConfig) -> _Workload:
   raise ValueError(f'unknown workload kind {kind!r}')
 
 
-def _serve(conn, kind: str, name: str, bc_fields: dict) -> None:
+def _serve(conn, kind: str, name: str, bc_fields: dict, payload: Any) -> None:
   """The worker: build the workload, then run what the parent asks until told to stop."""
   try:
-    work = _build(kind, name, BenchConfig(**bc_fields))
+    work = _build(kind, name, BenchConfig(**bc_fields), payload)
     conn.send(('ready', work.info))
   except Exception:  # noqa: BLE001 - reported to the parent, which raises it
     conn.send(('error', traceback.format_exc()))
@@ -65,10 +70,8 @@ def _serve(conn, kind: str, name: str, bc_fields: dict) -> None:
     command, arg = conn.recv()
     if command == 'call':
       start = time.perf_counter()
-      work.call()
-      conn.send(('done', time.perf_counter() - start))
-    elif command == 'floor':
-      conn.send(('done', work.floor()))
+      out = work.call()
+      conn.send(('done', out if work.self_timed else time.perf_counter() - start))
     elif command == 'finish':
       conn.send(('done', work.finish(arg)))
     else:
@@ -78,12 +81,12 @@ def _serve(conn, kind: str, name: str, bc_fields: dict) -> None:
 class Worker:
   """A workload in its own process; calling it runs the workload once there."""
 
-  def __init__(self, kind: str, name: str, bc: BenchConfig):
+  def __init__(self, kind: str, name: str, bc: BenchConfig, payload: Any = None):
     self.name = name
     context = multiprocessing.get_context('spawn')
     self._conn, child = context.Pipe()
-    self._process = context.Process(target=_serve, args=(child, kind, name, dataclasses.asdict(bc)),
-                                    daemon=True)
+    self._process = context.Process(
+        target=_serve, args=(child, kind, name, dataclasses.asdict(bc), payload), daemon=True)
     self._process.start()
     child.close()
     self.info = self._receive()
@@ -100,11 +103,6 @@ class Worker:
   def __call__(self) -> float:
     """Run the workload once; the seconds it took in the worker."""
     self._conn.send(('call', None))
-    return self._receive()
-
-  def floor(self) -> float:
-    """Time the workload's products alone once there (a promot_jax train step): seconds."""
-    self._conn.send(('floor', None))
     return self._receive()
 
   def finish(self, repeats: int) -> dict:
@@ -124,12 +122,13 @@ class Worker:
     self._conn.close()
 
 
-def start(specs: list[tuple[str, str]], bc: BenchConfig) -> list[Worker]:
-  """A worker per (kind, name), started one after another (each compiles alone)."""
+def start(specs: list[tuple], bc: BenchConfig) -> list[Worker]:
+  """A worker per (kind, name) or (kind, name, payload), started one after another (each
+  compiles alone)."""
   workers: list[Worker] = []
   try:
-    for kind, name in specs:
-      workers.append(Worker(kind, name, bc))
+    for kind, name, *payload in specs:
+      workers.append(Worker(kind, name, bc, *payload))
   except BaseException:
     close(workers)
     raise
