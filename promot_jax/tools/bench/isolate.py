@@ -19,7 +19,7 @@ import dataclasses
 import multiprocessing
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from promot_jax.tools.bench import floor as floor_lib, hf_bench, jax_bench
 from promot_jax.tools.bench.common import BenchConfig, peak_rss_bytes, synthetic_batch
