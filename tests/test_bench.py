@@ -190,10 +190,10 @@ def test_floor_finds_every_dot_of_a_program_with_its_flops():
 @pytest.mark.parametrize('dtype', ['float32', 'int8', 'bfloat16'])
 def test_floor_operands_are_varied_integers_in_int8_range(dtype):
   import jax.numpy as jnp
-  x = np.asarray(floor._fill((64, 300), jnp.dtype(dtype), 0).astype(jnp.float32))
+  x = np.asarray(floor.operand((64, 300), jnp.dtype(dtype), 0).astype(jnp.float32))
   assert x.shape == (64, 300) and x.min() == -60 and x.max() == 60
   assert np.array_equal(x, np.round(x)) and len(np.unique(x)) == 121
-  assert not np.array_equal(x, np.asarray(floor._fill((64, 300), jnp.dtype(dtype), 1),
+  assert not np.array_equal(x, np.asarray(floor.operand((64, 300), jnp.dtype(dtype), 1),
                                           np.float32))   # the two operands differ
 
 
@@ -215,7 +215,7 @@ def test_a_floor_timer_sums_each_shape_times_its_count(monkeypatch):
   def fake_time_shape(fn, make, calls):
     timed.append((make()[0].shape, calls))
     return seconds[timed[-1][0]]
-  monkeypatch.setattr(floor, '_time_shape', fake_time_shape)
+  monkeypatch.setattr(floor, 'time_shape', fake_time_shape)
   assert timer() == 0.5 + 2 * 0.25
   assert sorted(timed) == [((64, 48), 2), ((64, 80), 2)]   # each shape timed once per call
   found = floor.summary(floor.facts(timer.dots), [3.0, 1.0, 2.0])

@@ -128,7 +128,7 @@ _TYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16, 's8': jn
           's32': jnp.int32}
 
 
-def _fill(shape: tuple[int, ...], dtype, salt: int) -> jax.Array:
+def operand(shape: tuple[int, ...], dtype, salt: int) -> jax.Array:
   """An operand made on the device: integers in [-60, 60] in a scrambled order (as int8 they
   use most of its range; as floats any value times the same), cheap to make at every call."""
   n = int(np.prod(shape))
@@ -151,7 +151,7 @@ class FloorTimer:
     self._fns = {d: _dot_fn(d) for d in self._shapes}
 
   def __call__(self) -> float:
-    return sum(self._counts[d] * _time_shape(*self._fns[d], self.calls_per_shape)
+    return sum(self._counts[d] * time_shape(*self._fns[d], self.calls_per_shape)
                for d in self._shapes)
 
 
@@ -179,11 +179,11 @@ def _dot_fn(dot: Dot):
   numbers = ((dot.lhs_contracting, dot.rhs_contracting), (dot.lhs_batch, dot.rhs_batch))
   out = _TYPES[dot.out_dtype] if dot.out_dtype else None
   fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers, preferred_element_type=out))
-  make = jax.jit(lambda: (_fill(dot.lhs, dtype, 0), _fill(dot.rhs, dtype, 1)))
+  make = jax.jit(lambda: (operand(dot.lhs, dtype, 0), operand(dot.rhs, dtype, 1)))
   return fn, make
 
 
-def _time_shape(fn, make, calls: int) -> float:
+def time_shape(fn, make, calls: int) -> float:
   """Median seconds of `calls` back-to-back calls of the dot `fn` on operands `make()` makes
   first (outside the timing); they are freed on return."""
   lhs, rhs = jax.block_until_ready(make())
@@ -198,8 +198,8 @@ def _time_shape(fn, make, calls: int) -> float:
 def time_dot(dot: Dot, repeats: int = 5) -> float:
   """Median seconds of one stand-alone call of `dot` (after a warm-up call)."""
   fns = _dot_fn(dot)
-  _time_shape(*fns, 1)
-  return _time_shape(*fns, repeats)
+  time_shape(*fns, 1)
+  return time_shape(*fns, repeats)
 
 
 def matmul_floor(compiled, repeats: int = 5, loop_trips: Optional[int] = None) -> Optional[dict]:
