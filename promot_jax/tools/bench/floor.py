@@ -161,13 +161,13 @@ def facts(dots: list[Dot]) -> dict:
           'dot_flops': sum(d.flops for d in dots)}
 
 
-def summary(facts: Optional[dict], times: list[float]) -> Optional[dict]:
-  """A program's `facts` with 'floor_s' (the median of `times`, calls of the timer),
-  'gflops' and 'floor_times_s'; None without facts or times."""
-  if not facts or not times:
+def summary(found: Optional[dict], times: list[float]) -> Optional[dict]:
+  """A program's facts (`found`, from `facts`) with 'floor_s' (the median of `times`, calls of
+  the timer), 'gflops' and 'floor_times_s'; None without facts or times."""
+  if not found or not times:
     return None
   floor_s = statistics.median(times)
-  return dict(facts, floor_s=floor_s, gflops=facts['dot_flops'] / floor_s / 1e9 if floor_s
+  return dict(found, floor_s=floor_s, gflops=found['dot_flops'] / floor_s / 1e9 if floor_s
               else None, floor_times_s=list(times))
 
 
