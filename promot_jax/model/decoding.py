@@ -104,7 +104,7 @@ def init_cache(model: Transformer, params: Mapping[str, Any], encoded: Array, va
                batch: int, max_decode_length: int, with_prompt: bool = False,
                head_t: Optional[Array] = None, hidden_only: bool = False) -> Any:
   """The decoding cache: per self-attention layer zeroed keys/values [batch,
-  max_decode_length, heads, kv] and an index; per cross-attention layer the encoder's keys and
+  heads, max_decode_length, kv] and an index; per cross-attention layer the encoder's keys and
   values projected once here ([encoded rows, heads, encoded length, kv]; layers.FIXED_KEY;
   `batch` may be a multiple of the encoded rows: beam search's beams share them); on CPU
   the output head transposed (`head_t` when given, from `transposed_head`), unless

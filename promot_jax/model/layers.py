@@ -371,6 +371,7 @@ class MultiHeadAttention(nn.Module):
     else:
       key, value = keys_and_values()
       if decode:
+        kv_axes = 'bhkd'
         key, value, mask, bias = self._update_cache(key, value, mask, bias)
 
     q_shape = query.shape
@@ -391,21 +392,27 @@ class MultiHeadAttention(nn.Module):
                  name='out')(out)
 
   def _update_cache(self, key, value, mask, bias):
-    """Write this step's key/value at the cache index; attend to positions <= index."""
+    """Write this step's key/value at the cache index; attend to positions <= index.
+
+    The cache is kept heads-major, [batch, heads, max_length, kv], the layout the score and
+    output products read (as the cross-attention's fixed keys/values): kept [batch,
+    max_length, heads, kv], XLA:CPU transposed the whole cached key and value of every layer
+    at every step before its products."""
+    key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)       # [batch, heads, 1, kv]
     initialized = self.has_variable('cache', 'cached_key')
     cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
     cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
-    if not initialized:  # the init call only sizes the cache: [batch, max_length, heads, kv]
+    if not initialized:  # the init call only sizes the cache: [batch, heads, max_length, kv]
       return key, value, mask, bias
-    batch, max_length, heads, depth = cached_key.value.shape
-    if key.shape[1] != 1:
-      raise ValueError(f'Cached decoding takes one position per call, got {key.shape[1]}.')
+    batch, heads, max_length, depth = cached_key.value.shape
+    if key.shape[2] != 1:
+      raise ValueError(f'Cached decoding takes one position per call, got {key.shape[2]}.')
     index = cache_index.value
     zero = jnp.array(0, jnp.int32)
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (zero, index, zero, zero))
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (zero, zero, index, zero))
     cached_value.value = jax.lax.dynamic_update_slice(
-        cached_value.value, value, (zero, index, zero, zero))
+        cached_value.value, value, (zero, zero, index, zero))
     cache_index.value = index + 1
     step_mask = (jnp.arange(max_length) <= index)[None, None, None, :]  # [1, 1, 1, max_length]
     mask = step_mask if mask is None else jnp.logical_and(mask, step_mask)
