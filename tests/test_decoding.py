@@ -214,6 +214,26 @@ def test_decoding_cache_holds_the_output_head_transposed_on_cpu(params, enc):
                                 np.asarray(params['decoder']['logits_dense']['kernel']).T)
 
 
+def test_self_attention_cache_is_heads_major_and_filled_one_position_a_step(params, enc):
+  """Each self-attention layer keeps [batch, heads, max_length, kv], the layout its score and
+  output products read (kept [batch, length, heads, kv], XLA:CPU transposed every layer's
+  whole cache at every step), and a decoding step writes its position there only."""
+  net = model.Transformer(CFG)
+  encoded, valid = net.apply({'params': params}, enc, method=model.Transformer.encode)
+  cache = decoding.init_cache(net, params, encoded, valid, BATCH, STEPS)
+  start = jnp.zeros((BATCH, 1), jnp.int32)
+  _, cache = decoding.decode_step(net, params, cache, encoded, valid, start, STEPS)
+  _, cache = decoding.decode_step(net, params, cache, encoded, valid, start + 5, STEPS)
+  for i in range(CFG.num_decoder_layers):
+    attention = cache['decoder'][f'layers_{i}']['self_attention']
+    for name in ('cached_key', 'cached_value'):
+      kv = np.asarray(attention[name])
+      assert kv.shape == (BATCH, CFG.num_heads, STEPS, CFG.head_dim), name
+      assert np.all(np.any(kv[:, :, :2] != 0, axis=-1)), name      # positions 0 and 1 written
+      assert not np.any(kv[:, :, 2:]), name                           # the rest still zero
+    assert int(attention['cache_index']) == 2
+
+
 def test_transposed_head_is_made_once_per_head_array_and_dropped_with_it(params):
   kernel = params['decoder']['logits_dense']['kernel']
   first = decoding.transposed_head(CFG, params)
