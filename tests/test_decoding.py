@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from promot_jax.model import config, decoding, layers, transformer as model
+from promot_jax.model import config, decoding, layers, stacking, transformer as model
 
 CFG = config.get_config('mt5_tiny', prompt_length=4, dropout_rate=0.0)
 BATCH, LENGTH, STEPS = 4, 40, 12
@@ -140,6 +140,18 @@ def test_cached_beam_search_equals_an_uncached_reference(params, enc):
     score, seq = reference_beam_search(params, enc[b], 4, 0.6, eos, True)
     np.testing.assert_array_equal(np.asarray(out.tokens[b, :len(seq)]), seq)
     np.testing.assert_allclose(float(out.scores[b]), score, atol=1e-4)
+
+
+def test_beam_search_with_scanned_layers_equals_the_unrolled_model(params, enc):
+  """Under scanned layers each cache leaf has a leading [layers] axis: the beam reorder must
+  pick rows on the axis after it (it once skipped those leaves: other tokens, no error)."""
+  scanned = CFG.replace(scan_layers=True)
+  want = decoding.beam_search(CFG, params, enc, STEPS, beam_size=4, with_prompt=True,
+                              return_scores=True)
+  got = decoding.beam_search(scanned, stacking.stack_layers(params, scanned), enc, STEPS,
+                             beam_size=4, with_prompt=True, return_scores=True)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), atol=1e-5)
 
 
 def test_repeated_calls_do_not_recompile(params, enc):

@@ -224,16 +224,22 @@ def _gather_beams(x: Array, index: Array) -> Array:
 
 
 def _reorder_cache(cache: Any, index: Array, batch: int, beams: int) -> Any:
-  """Re-select the rows of every [batch * beams, ...] self-attention cache leaf after beams
-  were re-chosen. The cross-attention keys/values are the same for every beam of an example,
-  so they stay as they are."""
+  """Re-select the beam rows of every self-attention cache leaf (layers.SELF_CACHE: [batch *
+  beams, heads, length, kv], with a leading [layers] axis under scanned layers) after beams
+  were re-chosen. The cross-attention keys/values are the same for every beam of an example
+  and the head's copy and the index are shared, so they stay as they are."""
   def gather(path, leaf):
-    if leaf.ndim == 0 or leaf.shape[0] != batch * beams:
-      return leaf  # the shared cache index
-    if path[-1].key in (layers.FIXED_KEY, layers.FIXED_VALUE, layers.TRANSPOSED_KERNEL):
+    if path[-1].key not in layers.SELF_CACHE:
       return leaf
-    rows = leaf.reshape((batch, beams) + leaf.shape[1:])
-    return _gather_beams(rows, index).reshape(leaf.shape)
+    axis = leaf.ndim - 4                                  # 1 under scanned layers, else 0
+    if leaf.shape[axis] != batch * beams:
+      raise ValueError(f'Cache leaf {jax.tree_util.keystr(path)} has shape {leaf.shape}; '
+                       f'expected {batch * beams} beam rows on axis {axis}.')
+    rows = jnp.moveaxis(leaf, axis, 0).reshape((batch, beams) + leaf.shape[:axis]
+                                               + leaf.shape[axis + 1:])
+    picked = _gather_beams(rows, index).reshape((batch * beams,) + leaf.shape[:axis]
+                                               + leaf.shape[axis + 1:])
+    return jnp.moveaxis(picked, 0, axis)
   return jax.tree_util.tree_map_with_path(gather, cache)
 
 

@@ -310,6 +310,9 @@ class RelativePositionBias(nn.Module):
 
 # The cache entries of a cross-attention's projected encoder keys and values (decoding).
 FIXED_KEY, FIXED_VALUE = 'fixed_key', 'fixed_value'
+# A self-attention's cached keys and values, one row per decoded sequence (beam search
+# reorders them).
+SELF_CACHE = ('cached_key', 'cached_value')
 
 
 class MultiHeadAttention(nn.Module):
@@ -399,9 +402,9 @@ class MultiHeadAttention(nn.Module):
     max_length, heads, kv], XLA:CPU transposed the whole cached key and value of every layer
     at every step before its products."""
     key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)       # [batch, heads, 1, kv]
-    initialized = self.has_variable('cache', 'cached_key')
-    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+    initialized = self.has_variable('cache', SELF_CACHE[0])
+    cached_key = self.variable('cache', SELF_CACHE[0], jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable('cache', SELF_CACHE[1], jnp.zeros, value.shape, value.dtype)
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
     if not initialized:  # the init call only sizes the cache: [batch, heads, max_length, kv]
       return key, value, mask, bias
