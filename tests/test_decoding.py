@@ -142,7 +142,7 @@ def test_cached_beam_search_equals_an_uncached_reference(params, enc):
     np.testing.assert_allclose(float(out.scores[b]), score, atol=1e-4)
 
 
-def test_beam_search_with_scanned_layers_equals_the_unrolled_model(params, enc):
+def test_decoding_with_scanned_layers_equals_the_unrolled_model(params, enc):
   """Under scanned layers each cache leaf has a leading [layers] axis: the beam reorder must
   pick rows on the axis after it (it once skipped those leaves: other tokens, no error)."""
   scanned = CFG.replace(scan_layers=True)
@@ -152,6 +152,10 @@ def test_beam_search_with_scanned_layers_equals_the_unrolled_model(params, enc):
                              beam_size=4, with_prompt=True, return_scores=True)
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
   np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), atol=1e-5)
+  np.testing.assert_array_equal(
+      np.asarray(decoding.greedy_decode(scanned, stacking.stack_layers(params, scanned), enc,
+                                        STEPS, with_prompt=True)),
+      np.asarray(decoding.greedy_decode(CFG, params, enc, STEPS, with_prompt=True)))
 
 
 def test_repeated_calls_do_not_recompile(params, enc):
