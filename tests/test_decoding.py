@@ -146,15 +146,15 @@ def test_decoding_with_scanned_layers_equals_the_unrolled_model(params, enc):
   """Under scanned layers each cache leaf has a leading [layers] axis: the beam reorder must
   pick rows on the axis after it (it once skipped those leaves: other tokens, no error)."""
   scanned = CFG.replace(scan_layers=True)
+  stacked = stacking.stack_layers(params, scanned)
   want = decoding.beam_search(CFG, params, enc, STEPS, beam_size=4, with_prompt=True,
                               return_scores=True)
-  got = decoding.beam_search(scanned, stacking.stack_layers(params, scanned), enc, STEPS,
-                             beam_size=4, with_prompt=True, return_scores=True)
+  got = decoding.beam_search(scanned, stacked, enc, STEPS, beam_size=4, with_prompt=True,
+                             return_scores=True)
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
   np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), atol=1e-5)
   np.testing.assert_array_equal(
-      np.asarray(decoding.greedy_decode(scanned, stacking.stack_layers(params, scanned), enc,
-                                        STEPS, with_prompt=True)),
+      np.asarray(decoding.greedy_decode(scanned, stacked, enc, STEPS, with_prompt=True)),
       np.asarray(decoding.greedy_decode(CFG, params, enc, STEPS, with_prompt=True)))
 
 
@@ -242,7 +242,7 @@ def test_self_attention_cache_is_heads_major_and_filled_one_position_a_step(para
   _, cache = decoding.decode_step(net, params, cache, encoded, valid, start + 5, STEPS)
   for i in range(CFG.num_decoder_layers):
     attention = cache['decoder'][f'layers_{i}']['self_attention']
-    for name in ('cached_key', 'cached_value'):
+    for name in layers.SELF_CACHE:
       kv = np.asarray(attention[name])
       assert kv.shape == (BATCH, CFG.num_heads, STEPS, CFG.head_dim), name
       assert np.all(np.any(kv[:, :, :2] != 0, axis=-1)), name      # positions 0 and 1 written

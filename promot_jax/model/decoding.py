@@ -235,11 +235,11 @@ def _reorder_cache(cache: Any, index: Array, batch: int, beams: int) -> Any:
     if leaf.shape[axis] != batch * beams:
       raise ValueError(f'Cache leaf {jax.tree_util.keystr(path)} has shape {leaf.shape}; '
                        f'expected {batch * beams} beam rows on axis {axis}.')
-    rows = jnp.moveaxis(leaf, axis, 0).reshape((batch, beams) + leaf.shape[:axis]
-                                               + leaf.shape[axis + 1:])
-    picked = _gather_beams(rows, index).reshape((batch * beams,) + leaf.shape[:axis]
-                                               + leaf.shape[axis + 1:])
-    return jnp.moveaxis(picked, 0, axis)
+    return jax.vmap(reorder)(leaf) if axis else reorder(leaf)
+
+  def reorder(leaf):                                      # [batch * beams, ...]
+    rows = leaf.reshape((batch, beams) + leaf.shape[1:])
+    return _gather_beams(rows, index).reshape(leaf.shape)
   return jax.tree_util.tree_map_with_path(gather, cache)
 
 
